@@ -1,0 +1,66 @@
+# sohocloud — build hardened role images and prove them in QEMU.
+#   make            deps + the default image (router, amd64, qemu)
+#   make test       deps + tier 1 (unit) + tier 2 (boot) tests      <- CI runs this
+#   make bench      writes BENCHMARKS.md
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+SOHOCLOUD   := $(VENV)/bin/sohocloud
+OUT         ?= out
+
+# Host tools (Debian bookworm). Board firmware and arm64 kernels come from the
+# archive into image trees, never onto the host.
+APT_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools e2fsprogs fdisk \
+                squashfs-tools xz-utils kmod busybox socat iproute2 openssh-client systemd \
+                ca-certificates python3-venv
+
+.PHONY: all deps apt venv image test test-unit test-boot bench clean distclean
+
+all: deps image
+
+deps: apt venv
+
+# Idempotent and quick when nothing is missing: apt runs only for absent packages.
+apt:
+	@missing=$$(dpkg-query -W -f='$${Package} $${db:Status-Status}\n' $(APT_PACKAGES) 2>/dev/null \
+	    | awk '$$2 != "installed" {print $$1}'; \
+	  for p in $(APT_PACKAGES); do dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing $$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "deps: run as root (apt-get install)" >&2; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq; \
+	  apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "deps: host packages present"; fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+	@echo "deps: $(VENV) ready"
+
+image: deps
+	$(SOHOCLOUD) build router --arch amd64 --target qemu -o $(OUT)
+
+test: deps
+	$(PY) -m pytest tests/unit tests/boot -v
+
+test-unit: venv
+	$(PY) -m pytest tests/unit -q
+
+test-boot: deps
+	$(PY) -m pytest tests/boot -v
+
+bench: deps
+	$(PY) tests/bench.py --output BENCHMARKS.md
+
+clean:
+	rm -rf $(OUT)
+
+distclean: clean
+	rm -rf $(VENV)

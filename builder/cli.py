@@ -1,0 +1,156 @@
+"""The `sohocloud` command: one function per verb."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import SohoError
+from .proc import CommandError
+
+log = logging.getLogger("sohocloud")
+
+
+def repo_root() -> Path:
+    """The data (profiles/, overlays/, images/) next to the package, or SOHOCLOUD_REPO."""
+    env = os.environ.get("SOHOCLOUD_REPO")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent
+
+
+class _Elapsed(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t0 = time.monotonic()
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"[{time.monotonic() - self.t0:6.1f}s] {level}{msg}"
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Elapsed())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .s1_resolve import Repo, load_target
+
+    repo = Repo(repo_root())
+    for role in repo.roles():
+        for target in repo.targets():
+            for arch in load_target(repo, target).arches:
+                print(f"{role:18} --target {target:8} --arch {arch}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .cache import StageCache
+    from .pipeline import build
+    from .s1_resolve import Repo, resolve
+
+    cfg = resolve(Repo(repo_root()), args.role, target=args.target, arch=args.arch, distro=args.distro)
+    _check_host_tools(["mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "qemu-img", "systemctl"])
+    result = build(cfg, Path(args.output), cache=StageCache(), use_cache=not args.no_cache, explain=args.explain)
+    print(result.artefact)
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from .seed import read_ssh_keys, render_seed, write_cidata
+
+    keys = read_ssh_keys(Path(args.ssh_key))
+    network = None
+    if args.lan_address:
+        network = {"version": 2, "ethernets": {"lan": {"match": {"name": "lan"}, "addresses": [args.lan_address]}}}
+    files = render_seed(args.hostname, keys, network=network)
+    out = Path(args.output)
+    write_cidata(files, out)
+    print(out)
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from .vm import boot_interactive
+
+    return boot_interactive(Path(args.image), seed=Path(args.seed) if args.seed else None,
+                            ssh_port=args.ssh_port, firmware=args.firmware, memory=args.memory)
+
+
+def _check_host_tools(tools: list[str]) -> None:
+    import shutil
+
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise SohoError(f"missing host tools: {', '.join(missing)} (run `make deps`)")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sohocloud", description="Hardened Debian images per role, booted in QEMU.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every command run")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("list", help="roles x targets x arches that can be built")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("build", help="build one role image")
+    s.add_argument("role")
+    s.add_argument("--arch", default="amd64")
+    s.add_argument("--target", default="qemu")
+    s.add_argument("--distro", default="debian")
+    s.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
+    s.add_argument("--no-cache", action="store_true", help="rebuild every stage (the package cache stays)")
+    s.add_argument("--explain", action="store_true", help="say which inputs changed since the last build")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("seed", help="write a NoCloud 'cidata' seed volume")
+    s.add_argument("--hostname", required=True)
+    s.add_argument("--ssh-key", required=True, help="public key file for the admin account")
+    s.add_argument("--lan-address", help="static LAN address in CIDR form (default: the role's)")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=cmd_seed)
+
+    s = sub.add_parser("boot", help="boot an image in QEMU with the serial console on this terminal")
+    s.add_argument("image")
+    s.add_argument("--seed", help="NoCloud seed volume (sohocloud seed)")
+    s.add_argument("--ssh-port", type=int, default=2222, help="host port forwarded to SSH on the LAN side")
+    s.add_argument("--firmware", choices=["direct", "uefi"], default="direct",
+                   help="direct: kernel+initrd from the image's ESP (fast); uefi: OVMF + systemd-boot")
+    s.add_argument("--memory", type=int, default=1024, help="MiB")
+    s.set_defaults(func=cmd_boot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except SohoError as exc:
+        print(f"sohocloud: error: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"sohocloud: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sohocloud: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Runs the stages in order for one BuildConfig and writes the artefact."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .cache import StageCache, digest, sha256_file
+from .errors import SohoError
+from .s1_resolve import BuildConfig
+from .s2_rootfs import build_bootfiles, build_rootfs, extract_tar, rootfs_inputs, source_date_epoch
+from .s3_customise import customise, customise_inputs
+from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel
+from .s5_assemble import (BOOTLOADERS, identity, make_esp, make_ext4, plan_layout, sfdisk_script,
+                          to_qcow2, tree_size, write_disk)
+from .s6_manifest import manifest_path, read_manifest, recorded_sha256, update_sha256sums, write_json_atomic
+from .schema import parse_size
+
+log = logging.getLogger("sohocloud.build")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    artefact: Path
+    manifest: Path
+    seconds: float
+    reused: bool
+
+
+def artefact_path(cfg: BuildConfig, out_dir: Path) -> Path:
+    ext = {"qcow2": "qcow2"}[cfg.target.outputs[0]]
+    return out_dir / f"{cfg.slug}.{ext}"
+
+
+def build_inputs(cfg: BuildConfig) -> dict[str, str]:
+    """Every input of the artefact, by name (what --explain compares)."""
+    inputs = {f"rootfs:{k}": v for k, v in rootfs_inputs(cfg).items()}
+    inputs.update({f"customise:{k}": v for k, v in customise_inputs(cfg).items()})
+    inputs["initrd"] = digest([list(cfg.target.initrd_modules), INIT_SCRIPT.read_text(),
+                               sorted(cfg.arch_spec.boot_packages)])
+    inputs["assemble"] = digest([repr(cfg.target), Path(__file__).with_name("s5_assemble.py").read_text(),
+                                 Path(__file__).with_name("s4_initrd.py").read_text()])
+    inputs["builder"] = __version__
+    return inputs
+
+
+def up_to_date(artefact: Path, out_dir: Path, key: str) -> bool:
+    """The artefact exists, was built from *key*, and its bytes match SHA256SUMS."""
+    m = read_manifest(artefact)
+    if not (m and artefact.is_file() and m.get("inputs_hash") == key):
+        return False
+    return recorded_sha256(out_dir, artefact) == sha256_file(artefact)
+
+
+def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, use_cache: bool = True,
+          explain: bool = False) -> BuildResult:
+    cache = cache or StageCache()
+    t0 = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = build_inputs(cfg)
+    key = digest(inputs)
+    artefact = artefact_path(cfg, out_dir)
+    reasons = cache.explain("image", cfg.slug, inputs)
+    if use_cache and up_to_date(artefact, out_dir, key):
+        log.info("%s is up to date (inputs %s unchanged): reused", artefact, key[:12])
+        return BuildResult(artefact, manifest_path(artefact), time.monotonic() - t0, True)
+    if explain:
+        log.info("rebuilding %s because: %s", cfg.slug,
+                 "--no-cache" if not use_cache else ", ".join(reasons) or "artefact missing or modified")
+
+    rootfs = build_rootfs(cfg, cache, use_cache=use_cache)
+    log.info("rootfs: %s (%s)", "reused cache" if rootfs.reused else "built", rootfs.key[:12])
+    bootfiles = build_bootfiles(cfg, cache, use_cache=use_cache)
+    log.info("bootfiles: %s (%s)", "reused cache" if bootfiles.reused else "built", bootfiles.key[:12])
+
+    ident = identity(key)
+    epoch = int(source_date_epoch())
+    work = Path(tempfile.mkdtemp(prefix=f"{cfg.slug}.", dir=cache.tmp))
+    try:
+        root, boot = work / "root", work / "boot"
+        extract_tar(rootfs.path, root)
+        extract_tar(bootfiles.path, boot)
+        facts = customise(cfg, root, ident)
+        log.info("customise: done (%d packages)", len(facts["packages"]))
+
+        kernel = find_kernel(root)
+        initrd = work / "initrd.img"
+        initrd_facts = build_initrd(root, boot, cfg.arch_spec.busybox, list(cfg.target.initrd_modules),
+                                    initrd, epoch)
+        # The kernel lives on the ESP; the root keeps its modules only.
+        vmlinuz = work / "vmlinuz"
+        shutil.copyfile(kernel.vmlinuz, vmlinuz)
+        for p in (root / "boot").glob("*"):
+            p.unlink()
+
+        cmdline = f"root=UUID={ident['root_fs_uuid']} {cfg.target.cmdline}"
+        root_bytes = tree_size(root)
+        root_size = root_bytes + root_bytes // 10 + parse_size(cfg.target.root_free)
+        images = {}
+        for part in cfg.target.partitions:
+            img = work / f"{part.name}.img"
+            if part.fs == "ext4":
+                make_ext4(root, img, (root_size + (1 << 20) - 1) // (1 << 20) * (1 << 20),
+                          ident["root_fs_uuid"], part.name, epoch)
+            elif part.type == "esp":
+                files = BOOTLOADERS[cfg.target.bootloader](
+                    boot / cfg.arch_spec.efi_loader, cfg.arch_spec.efi_fallback, vmlinuz, initrd, cmdline,
+                    f"sohocloud {cfg.slug}")
+                make_esp(files, img, parse_size(part.size), ident["esp_vol_id"])
+            else:
+                raise SohoError(f"partition {part.name}: no builder for fs {part.fs} / type {part.type}")
+            images[part.name] = img
+        placed, disk_size = plan_layout(cfg.target.partitions,
+                                        {n: p.stat().st_size for n, p in images.items()})
+        raw = work / "disk.raw"
+        write_disk(placed, images, disk_size, sfdisk_script(placed, cfg.arch, ident), raw)
+        log.info("assemble: GPT disk %d MiB (root %d MiB used)", disk_size >> 20, root_bytes >> 20)
+        to_qcow2(raw, artefact)
+
+        seconds = time.monotonic() - t0
+        manifest = {
+            "artefact": artefact.name,
+            "slug": cfg.slug,
+            "role": cfg.role,
+            "distro": cfg.distro,
+            "arch": cfg.arch,
+            "target": cfg.target_name,
+            "builder_version": __version__,
+            "inputs_hash": key,
+            "inputs": inputs,
+            "stages": {"rootfs": {"key": rootfs.key, "reused": rootfs.reused},
+                       "bootfiles": {"key": bootfiles.key, "reused": bootfiles.reused}},
+            "build_seconds": round(seconds, 1),
+            "kernel": initrd_facts["kernel"],
+            "initrd_modules": initrd_facts["initrd_modules"],
+            "cmdline": cmdline,
+            "bootloader": cfg.target.bootloader,
+            "partitions": [{"name": p.name, "type": p.type, "start": p.start, "size": p.size} for p in placed],
+            "interfaces": list(cfg.profile.interfaces),
+            "network": {k: {"dhcp4": v.dhcp4, "addresses": list(v.addresses)}
+                        for k, v in cfg.profile.network.items()},
+            "ports": [vars(p) for p in cfg.profile.firewall.ports],
+            "clients": [vars(p) for p in cfg.profile.firewall.clients],
+            "sizes": {"tree_bytes": root_bytes, "disk_bytes": disk_size,
+                      "artefact_bytes": artefact.stat().st_size,
+                      "initrd_bytes": initrd.stat().st_size},
+            "packages": facts["packages"],
+        }
+        mpath = manifest_path(artefact)
+        write_json_atomic(mpath, manifest)
+        update_sha256sums(out_dir, [artefact, mpath])
+        log.info("built %s (%.1f MiB) in %.1f s", artefact, artefact.stat().st_size / 2**20, seconds)
+        return BuildResult(artefact, mpath, seconds, False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

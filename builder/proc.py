@@ -1,0 +1,65 @@
+"""The one subprocess wrapper: logs the command, raises with stderr on failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger("sohocloud.run")
+
+
+class CommandError(RuntimeError):
+    """A command exited non-zero; carries the command line and its stderr tail."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int, stderr: str):
+        self.cmd = list(cmd)
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = "\n".join(stderr.strip().splitlines()[-25:])
+        super().__init__(f"command failed (exit {returncode}): {shlex.join(self.cmd)}\n{tail}")
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    input: bytes | str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    capture: bool = False,
+    check: bool = True,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run *cmd* (a list, never a shell string).
+
+    stdout is captured only when *capture* is set (otherwise it goes to our
+    log at debug level); stderr is always captured so a failure can say why.
+    *env* entries are added to the current environment.
+    """
+    argv = [os.fspath(c) for c in cmd]
+    log.debug("run: %s", shlex.join(argv))
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    if isinstance(input, bytes):
+        input = input.decode()
+    proc = subprocess.run(
+        argv,
+        input=input,
+        env=full_env,
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=timeout,
+    )
+    if not capture and proc.stdout:
+        for line in proc.stdout.splitlines()[-50:]:
+            log.debug("  %s", line)
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr or proc.stdout or "")
+    return proc

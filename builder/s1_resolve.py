@@ -1,0 +1,280 @@
+"""Stage 1 — resolve: YAML layers + target + arch -> one frozen BuildConfig.
+
+Everything downstream reads only the BuildConfig.  All validation happens
+here, before anything is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .schema import ARCHES, ArchSpec, Profile, Target, Validator, parse_size
+from .yamlsrc import KeyPath, Located, Origin, load_yaml
+
+# Keys that belong to one file and are not inherited through `extends:`.
+_NOT_INHERITED = ("extends", "abstract", "description")
+# Lists that a later layer replaces instead of extending (order carries meaning).
+_REPLACED: tuple[KeyPath, ...] = (("interfaces",),)
+DISTROS = ("debian", "alpine")
+SUPPORTED_DISTROS = ("debian",)
+
+
+@dataclass(frozen=True)
+class Repo:
+    """Where the data lives (profiles/, overlays/, images/, firstboot/)."""
+
+    root: Path
+
+    @property
+    def profiles(self) -> Path:
+        return self.root / "profiles"
+
+    @property
+    def overlays(self) -> Path:
+        return self.root / "overlays"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def firstboot(self) -> Path:
+        return self.root / "firstboot"
+
+    def roles(self) -> list[str]:
+        """Buildable roles: every profile not marked `abstract: true`."""
+        out = []
+        for p in sorted(self.profiles.glob("*.yaml")):
+            if not load_yaml(p).data.get("abstract", False):
+                out.append(p.stem)
+        return out
+
+    def targets(self) -> list[str]:
+        return sorted(p.stem for p in self.images.glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    role: str
+    distro: str
+    arch: str
+    target_name: str
+    profile: Profile
+    target: Target
+    arch_spec: ArchSpec
+    repo: Repo
+
+    @property
+    def slug(self) -> str:
+        """`<role>-<distro>-<arch>-<target>`: the artefact base name (contract)."""
+        return f"{self.role}-{self.distro}-{self.arch}-{self.target_name}"
+
+    def all_packages(self) -> tuple[str, ...]:
+        pkgs = list(self.profile.packages) + list(self.target.packages) + [self.arch_spec.kernel_package]
+        return tuple(dict.fromkeys(pkgs))
+
+    def kernel_module_paths(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.target.kernel_modules + self.profile.kernel_modules))
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _merge(base: Any, base_o: dict[KeyPath, Origin], over: Any, over_o: dict[KeyPath, Origin],
+           path: KeyPath, out_o: dict[KeyPath, Origin]) -> Any:
+    """Merge *over* onto *base*: mappings recursively, lists appended, scalars replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        merged = {}
+        for k in list(base) + [k for k in over if k not in base]:
+            p = path + (k,)
+            if k in base and k in over:
+                if path == ("sysctl",) and str(base[k]) != str(over[k]):
+                    raise ConfigError(
+                        f"{over_o.get(p, '?')}: sysctl.{k}: changes {base[k]!r} set at {base_o.get(p, '?')} "
+                        f"to {over[k]!r}; a role may only relax a hardening sysctl under "
+                        f"'sysctl_exceptions' with a 'reason'"
+                    )
+                out_o[p] = over_o.get(p) or base_o.get(p)
+                merged[k] = _merge(base[k], base_o, over[k], over_o, p, out_o)
+            elif k in base:
+                _copy_origins(base, base_o, k, p, p, out_o)
+                merged[k] = base[k]
+            else:
+                _copy_origins(over, over_o, k, p, p, out_o)
+                merged[k] = over[k]
+        return merged
+    if isinstance(base, list) and isinstance(over, list) and path not in _REPLACED:
+        merged_list = list(base)
+        for i, _ in enumerate(base):
+            _copy_prefix(base_o, path + (i,), path + (i,), out_o)
+        for i, item in enumerate(over):
+            if isinstance(item, (str, int)) and item in merged_list:
+                continue  # union for plain lists (packages, modules)
+            _copy_prefix(over_o, path + (i,), path + (len(merged_list),), out_o)
+            merged_list.append(item)
+        return merged_list
+    _copy_prefix(over_o, path, path, out_o)
+    return over
+
+
+def _copy_origins(src: dict, src_o: dict[KeyPath, Origin], key: Any, old: KeyPath, new: KeyPath,
+                  out_o: dict[KeyPath, Origin]) -> None:
+    _copy_prefix(src_o, old, new, out_o)
+
+
+def _copy_prefix(src_o: dict[KeyPath, Origin], old: KeyPath, new: KeyPath, out_o: dict[KeyPath, Origin]) -> None:
+    n = len(old)
+    for p, o in src_o.items():
+        if p[:n] == old:
+            out_o[new + p[n:]] = o
+
+
+def load_layers(repo: Repo, name: str, *, chain: tuple[str, ...] = (), referrer: Origin | None = None
+                ) -> list[Located]:
+    """The `extends:` chain of profile *name*, base first."""
+    path = repo.profiles / f"{name}.yaml"
+    if name in chain:
+        raise ConfigError(f"{referrer}: extends: cycle {' -> '.join(chain + (name,))}")
+    if not path.is_file():
+        if referrer is None:
+            known = ", ".join(repo.roles()) or "none"
+            raise ConfigError(f"unknown role '{name}': no {path} (known roles: {known})")
+        raise ConfigError(f"{referrer}: extends: no profile '{name}' (expected {path})")
+    doc = load_yaml(path)
+    ext = doc.data.get("extends", [])
+    if isinstance(ext, str):
+        ext = [ext]
+    if not isinstance(ext, list) or not all(isinstance(e, str) for e in ext):
+        raise ConfigError(f"{doc.origin(('extends',))}: extends: expected a profile name or a list of names")
+    layers: list[Located] = []
+    for i, parent in enumerate(ext):
+        where = doc.origins.get(("extends", i)) or doc.origin(("extends",))
+        for layer in load_layers(repo, parent, chain=chain + (name,), referrer=where):
+            if all(layer.file != seen.file for seen in layers):
+                layers.append(layer)
+    layers.append(doc)
+    return layers
+
+
+def merge_layers(layers: list[Located]) -> tuple[dict, dict[KeyPath, Origin]]:
+    data: dict = {}
+    origins: dict[KeyPath, Origin] = {}
+    for i, layer in enumerate(layers):
+        own = {k: v for k, v in layer.data.items() if k not in _NOT_INHERITED}
+        own_o = {p: o for p, o in layer.origins.items() if p[0] not in _NOT_INHERITED}
+        new_o: dict[KeyPath, Origin] = {}
+        data = _merge(data, origins, own, own_o, (), new_o)
+        origins = new_o
+    last = layers[-1]
+    for key in _NOT_INHERITED:
+        if key in last.data and key != "extends":
+            data[key] = last.data[key]
+            _copy_prefix(last.origins, (key,), (key,), origins)
+    return data, origins
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_profile(repo: Repo, role: str) -> Profile:
+    layers = load_layers(repo, role)
+    data, origins = merge_layers(layers)
+    data.setdefault("description", "")
+    v = Validator(origins, Origin(layers[-1].file, 1))
+    profile = v.build_dataclass(Profile, data, (), extra={"name": role})
+    _check_profile(profile, v, repo)
+    return profile
+
+
+def _check_profile(p: Profile, v: Validator, repo: Repo) -> None:
+    zones = set(p.interfaces)
+    for i, port in enumerate(p.firewall.ports):
+        if port.zone not in zones:
+            v.fail(("firewall", "ports", i, "zone"),
+                   f"zone '{port.zone}' is not one of the role's interfaces {sorted(zones)}")
+        if not 0 < port.port < 65536:
+            v.fail(("firewall", "ports", i, "port"), f"expected a port 1-65535, got {port.port}")
+    for i, fw in enumerate(p.firewall.forward):
+        for key, zone in (("from", fw.src), ("to", fw.to)):
+            if zone not in zones:
+                v.fail(("firewall", "forward", i, key), f"zone '{zone}' is not one of the role's interfaces")
+    for i, zone in enumerate(p.firewall.masquerade):
+        if zone not in zones:
+            v.fail(("firewall", "masquerade", i), f"zone '{zone}' is not one of the role's interfaces")
+    for name in p.network:
+        if name not in zones:
+            v.fail(("network", name), f"'{name}' is not one of the role's interfaces {sorted(zones)}")
+    for section in ("sysctl", "sysctl_exceptions"):
+        for key in getattr(p, section):
+            if not re.fullmatch(r"[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+", key):
+                v.fail((section, key), "expected a dotted sysctl name like net.ipv4.ip_forward "
+                       "(slashes would let a role set a hardened key under a second spelling)")
+    for key, exc in p.sysctl_exceptions.items():
+        if not exc.reason.strip():
+            v.fail(("sysctl_exceptions", key, "reason"), "a sysctl exception needs a non-empty reason")
+    for i, name in enumerate(p.overlays):
+        if not (repo.overlays / name).is_dir():
+            v.fail(("overlays", i), f"no overlay directory {repo.overlays / name}")
+    for i, pkg in enumerate(p.packages):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?", pkg):
+            v.fail(("packages", i), f"'{pkg}' is not a valid Debian package name")
+    for key, fm in p.modes.items():
+        if not re.fullmatch(r"0?[0-7]{3,4}", fm.mode):
+            v.fail(("modes", key, "mode"), f"expected an octal mode like 0644, got {fm.mode!r}")
+
+
+def load_target(repo: Repo, name: str) -> Target:
+    path = repo.images / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown target '{name}': no {path} (known targets: {', '.join(repo.targets())})")
+    doc = load_yaml(path)
+    v = Validator(doc.origins, Origin(path, 1))
+    data = dict(doc.data)
+    data.setdefault("description", "")
+    target = v.build_dataclass(Target, data, (), extra={"name": name})
+    for arch in target.arches:
+        if arch not in ARCHES:
+            v.fail(("arches", arch), f"unknown arch '{arch}' (expected one of {', '.join(ARCHES)})")
+    for i, part in enumerate(target.partitions):
+        if part.size != "auto":
+            try:
+                parse_size(part.size)
+            except ValueError as exc:
+                v.fail(("partitions", i, "size"), str(exc))
+    try:
+        parse_size(target.root_free)
+    except ValueError as exc:
+        v.fail(("root_free",), str(exc))
+    for arch, spec in target.arches.items():
+        if len(spec.qemu.nic_addrs) < len(target.nic_paths):
+            v.fail(("arches", arch, "qemu", "nic_addrs"), "needs one PCI address per entry of nic_paths")
+    return target
+
+
+def resolve(repo: Repo, role: str, *, target: str = "qemu", arch: str = "amd64",
+            distro: str = "debian") -> BuildConfig:
+    """Load and check everything a build of (role, target, arch, distro) needs."""
+    if arch not in ARCHES:
+        raise ConfigError(f"unknown arch '{arch}' (expected one of {', '.join(ARCHES)})")
+    if distro not in DISTROS:
+        raise ConfigError(f"unknown distro '{distro}' (expected one of {', '.join(DISTROS)})")
+    if distro not in SUPPORTED_DISTROS:
+        raise ConfigError(f"distro '{distro}' is not supported yet (supported: {', '.join(SUPPORTED_DISTROS)})")
+    profile = load_profile(repo, role)
+    if profile.abstract:
+        raise ConfigError(f"{repo.profiles / (role + '.yaml')}: '{role}' is a layer (abstract: true), not a role")
+    tgt = load_target(repo, target)
+    if arch not in tgt.arches:
+        raise ConfigError(
+            f"{repo.images / (target + '.yaml')}: arches: target '{target}' has no arch '{arch}' "
+            f"(it has: {', '.join(tgt.arches)})")
+    if len(profile.interfaces) > len(tgt.nic_paths):
+        raise ConfigError(
+            f"{repo.images / (target + '.yaml')}: nic_paths: role '{role}' needs {len(profile.interfaces)} NICs "
+            f"({', '.join(profile.interfaces)}), target '{target}' has {len(tgt.nic_paths)}")
+    return BuildConfig(role=role, distro=distro, arch=arch, target_name=target, profile=profile,
+                       target=tgt, arch_spec=tgt.arches[arch], repo=repo)

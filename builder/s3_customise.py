@@ -1,0 +1,430 @@
+"""Stage 3 — customise: overlays, accounts, hardening, services, firstboot.
+
+Everything here edits the unpacked tree with host tools or plain Python; no
+command runs inside the (possibly foreign-arch) image, so arm64 costs the
+same as amd64.  Roles differ only through their data (profile + overlays).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import grp
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .cache import hash_tree
+from .errors import ConfigError
+from .proc import run
+from .s1_resolve import BuildConfig
+from .schema import User
+
+log = logging.getLogger("sohocloud.customise")
+
+TEMPLATE_SUFFIX = ".j2"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def customise_inputs(cfg: BuildConfig) -> dict[str, str]:
+    """Hashes of everything this stage reads (config slice, overlay trees, firstboot)."""
+    from .cache import digest
+
+    p = cfg.profile
+    slice_ = {k: v for k, v in asdict(p).items() if k not in ("packages", "dpkg_exclude", "dpkg_include")}
+    out = {
+        "profile": digest(slice_),
+        "target": digest([cfg.target.nic_paths, [asdict(x) for x in cfg.target.partitions]]),
+        "firstboot": hash_tree(cfg.repo.firstboot),
+        "code": digest(Path(__file__).read_text()),
+    }
+    for name in p.overlays:
+        out[f"overlay:{name}"] = hash_tree(cfg.repo.overlays / name)
+    return out
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def template_context(cfg: BuildConfig, identity: dict[str, str]) -> dict[str, Any]:
+    p = cfg.profile
+    return {
+        "role": cfg.role,
+        "arch": cfg.arch,
+        "target": cfg.target_name,
+        "profile": p,
+        "firewall": p.firewall,
+        "interfaces": p.interfaces,
+        "network": p.network,
+        "sysctl": p.sysctl,
+        "sysctl_exceptions": p.sysctl_exceptions,
+        "module_blacklist": p.module_blacklist,
+        "vars": p.vars,
+        "identity": identity,
+        "ports_by_zone": _ports_by_zone(p.firewall.ports),
+        "ssh_zone": _ssh_zone(cfg),
+    }
+
+
+def _ports_by_zone(ports) -> dict[str, dict[str, list[int]]]:
+    out: dict[str, dict[str, list[int]]] = {}
+    for port in ports:
+        out.setdefault(port.zone, {}).setdefault(port.proto, [])
+        if port.port not in out[port.zone][port.proto]:
+            out[port.zone][port.proto].append(port.port)
+    return out
+
+
+def _ssh_zone(cfg: BuildConfig) -> str:
+    zones = sorted({p.zone for p in cfg.profile.firewall.ports if p.service == "ssh"})
+    if len(zones) != 1:
+        raise ConfigError(f"role '{cfg.role}': firewall.ports must declare ssh in exactly one zone, found {zones}")
+    return zones[0]
+
+
+def render_overlay(src: Path, dest: Path, ctx: dict[str, Any]) -> list[str]:
+    """Copy overlay *src* into the tree *dest*; render `*.j2`. Returns image paths written.
+
+    Modes are not taken from the checkout: files land 0644, dirs 0755,
+    owned by root; `modes:` in the profile sets anything else.
+    """
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(src)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    written = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(src)
+        target_dir = dest / rel_dir
+        if not target_dir.is_dir():
+            target_dir.mkdir(parents=True, mode=0o755)
+            os.chown(target_dir, 0, 0)
+        for name in sorted(filenames):
+            s = Path(dirpath) / name
+            rel = rel_dir / name
+            if name.endswith(TEMPLATE_SUFFIX):
+                rel = rel_dir / name[: -len(TEMPLATE_SUFFIX)]
+                try:
+                    content = env.get_template((rel_dir / name).as_posix()).render(**ctx)
+                except jinja2.TemplateError as exc:
+                    lineno = getattr(exc, "lineno", None)
+                    where = f"{s}:{lineno}" if lineno else str(s)
+                    raise ConfigError(f"{where}: template error: {exc}") from None
+                data = content.encode()
+            elif s.is_symlink():
+                t = dest / rel
+                if t.exists() or t.is_symlink():
+                    t.unlink()
+                os.symlink(os.readlink(s), t)
+                written.append("/" + rel.as_posix())
+                continue
+            else:
+                data = s.read_bytes()
+            t = dest / rel
+            if t.is_symlink() or t.exists():
+                t.unlink()
+            t.write_bytes(data)
+            os.chmod(t, 0o644)
+            os.chown(t, 0, 0)
+            written.append("/" + rel.as_posix())
+    return written
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+def _read_db(path: Path) -> list[list[str]]:
+    return [line.split(":") for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_db(path: Path, rows: list[list[str]]) -> None:
+    st = path.stat()
+    tmp = path.with_name(path.name + "+")
+    tmp.write_text("".join(":".join(r) + "\n" for r in rows))
+    os.chmod(tmp, st.st_mode & 0o7777)
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.replace(tmp, path)
+
+
+def add_user(root: Path, user: User) -> int:
+    """Create *user* in passwd/shadow/group/gshadow of the tree; no password. Returns the uid."""
+    etc = root / "etc"
+    passwd, group = _read_db(etc / "passwd"), _read_db(etc / "group")
+    if any(r[0] == user.name for r in passwd):
+        return int(next(r[2] for r in passwd if r[0] == user.name))
+    used = {int(r[2]) for r in passwd} | {int(r[2]) for r in group}
+    uid = user.uid or next(i for i in range(1000, 60000) if i not in used)
+    home = f"/home/{user.name}"
+    passwd.append([user.name, "x", str(uid), str(uid), "", home, user.shell])
+    group.append([user.name, "x", str(uid), ""])
+    for g in user.groups:
+        row = next((r for r in group if r[0] == g), None)
+        if row is None:
+            raise ConfigError(f"user {user.name}: group '{g}' does not exist in the image")
+        members = [m for m in row[3].split(",") if m]
+        if user.name not in members:
+            members.append(user.name)
+        row[3] = ",".join(members)
+    _write_db(etc / "passwd", passwd)
+    _write_db(etc / "group", group)
+    shadow = _read_db(etc / "shadow")
+    shadow.append([user.name, "*", "19000", "0", "99999", "7", "", "", ""])
+    _write_db(etc / "shadow", shadow)
+    gshadow = _read_db(etc / "gshadow")
+    gshadow.append([user.name, "!", "", ""])
+    for g in user.groups:
+        for r in gshadow:
+            if r[0] == g:
+                members = [m for m in r[3].split(",") if m]
+                if user.name not in members:
+                    members.append(user.name)
+                r[3] = ",".join(members)
+    _write_db(etc / "gshadow", gshadow)
+    h = root / home.lstrip("/")
+    if not h.exists():
+        skel = root / "etc/skel"
+        if skel.is_dir():
+            shutil.copytree(skel, h, symlinks=True)
+        else:
+            h.mkdir(parents=True)
+        for dirpath, dirnames, filenames in os.walk(h):
+            for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
+                os.lchown(n, uid, uid)
+        os.chmod(h, 0o750)
+    if user.sudo_nopasswd:
+        sudoers = root / "etc/sudoers.d" / f"90-{user.name}"
+        sudoers.parent.mkdir(parents=True, exist_ok=True)
+        sudoers.write_text(f"# key-only account without a password\n{user.name} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+        os.chmod(sudoers, 0o440)
+    return uid
+
+
+def lock_passwords(root: Path) -> list[str]:
+    """No account of a generic image has a usable password: '*' for any that might."""
+    shadow = root / "etc/shadow"
+    rows = _read_db(shadow)
+    changed = []
+    for r in rows:
+        if not (r[1].startswith("*") or r[1].startswith("!")):
+            r[1] = "*"
+            changed.append(r[0])
+    _write_db(shadow, rows)
+    return changed
+
+
+# --------------------------------------------------------------------------- files
+
+
+def apply_edits(root: Path, edits) -> None:
+    """Set `KEY<sep>VALUE` lines: replace an existing (even commented) key or append."""
+    for edit in edits:
+        path = root / edit.file.lstrip("/")
+        if not path.is_file():
+            raise ConfigError(f"edits: {edit.file} does not exist in the image")
+        lines = path.read_text().splitlines()
+        for key, value in edit.set.items():
+            pat = re.compile(rf"^\s*#?\s*{re.escape(key)}\b")
+            new = f"{key}{edit.separator}{value}"
+            idx = [i for i, line in enumerate(lines) if pat.match(line) and not line.lstrip().startswith("#")]
+            if not idx:
+                idx = [i for i, line in enumerate(lines) if pat.match(line)][:1]
+            if idx:
+                lines[idx[0]] = new
+                for i in reversed(idx[1:]):
+                    del lines[i]
+            else:
+                lines.append(new)
+        path.write_text("\n".join(lines) + "\n")
+
+
+def apply_modes(root: Path, modes) -> int:
+    """Apply `modes:` (glob on image paths -> mode + owner) to files in the tree."""
+    count = 0
+    for pattern, fm in modes.items():
+        user, _, group = fm.owner.partition(":")
+        uid, gid = _lookup_id(root, "passwd", user), _lookup_id(root, "group", group or user)
+        base = pattern.split("*", 1)[0].rsplit("/", 1)[0] or "/"
+        start = root / base.lstrip("/")
+        if not start.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(start):
+            for name in filenames:
+                p = Path(dirpath) / name
+                image_path = "/" + p.relative_to(root).as_posix()
+                if fnmatch.fnmatchcase(image_path, pattern) and not p.is_symlink():
+                    os.chown(p, uid, gid)
+                    os.chmod(p, int(fm.mode, 8))
+                    count += 1
+    return count
+
+
+def _lookup_id(root: Path, db: str, name: str) -> int:
+    for r in _read_db(root / "etc" / db):
+        if r[0] == name:
+            return int(r[2])
+    raise ConfigError(f"modes: unknown {'user' if db == 'passwd' else 'group'} '{name}' in the image")
+
+
+def strip(root: Path, patterns) -> None:
+    for pattern in patterns:
+        for p in root.glob(pattern.lstrip("/")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def remove_machine_identity(root: Path) -> None:
+    """A generic image holds no host keys, machine-id or random seed: nodes make their own."""
+    for p in (root / "etc/ssh").glob("ssh_host_*"):
+        p.unlink()
+    mid = root / "etc/machine-id"
+    if mid.exists() or mid.is_symlink():
+        mid.unlink()
+    mid.write_text("uninitialized\n")  # systemd: first boot, create one
+    os.chmod(mid, 0o444)
+    for rel in ("var/lib/dbus/machine-id", "var/lib/systemd/random-seed"):
+        p = root / rel
+        if p.exists() and not p.is_symlink():
+            p.unlink()
+
+
+# --------------------------------------------------------------------------- network
+
+
+def network_units(cfg: BuildConfig) -> dict[str, str]:
+    """systemd .link files naming NICs by role order, and default .network files.
+
+    The role's `interfaces` take the target's NIC paths in order; a seed's
+    network-config (written by firstboot as 10-seed-*) takes precedence.
+    """
+    files: dict[str, str] = {}
+    for i, name in enumerate(cfg.profile.interfaces):
+        files[f"etc/systemd/network/20-sohocloud-{name}.link"] = (
+            f"# NIC {i + 1} of target '{cfg.target_name}' is the role's '{name}' interface\n"
+            f"[Match]\nPath={cfg.target.nic_paths[i]}\n\n[Link]\nName={name}\n"
+        )
+        net = cfg.profile.network.get(name)
+        if net is None:
+            continue
+        lines = [f"[Match]\nName={name}\n", "[Network]", "LinkLocalAddressing=no", "IPv6AcceptRA=no"]
+        if net.dhcp4:
+            lines.append("DHCP=ipv4")
+        lines += [f"Address={a}" for a in net.addresses]
+        if net.gateway4:
+            lines.append(f"Gateway={net.gateway4}")
+        if net.addresses and not net.dhcp4:
+            lines.append("ConfigureWithoutCarrier=yes")
+        if net.dhcp4:
+            lines += ["", "[DHCPv4]", "UseDNS=yes", "UseNTP=no", "SendHostname=no"]
+        files[f"etc/systemd/network/50-sohocloud-{name}.network"] = "\n".join(lines) + "\n"
+    return files
+
+
+# --------------------------------------------------------------------------- services
+
+
+def set_services(root: Path, services) -> None:
+    """enable/disable/mask with the host's systemctl on the offline tree."""
+    for verb, units in (("disable", services.disable), ("enable", services.enable), ("mask", services.mask)):
+        for unit in units:
+            unit_known = any((root / d / unit).exists() for d in ("usr/lib/systemd/system", "etc/systemd/system"))
+            if not unit_known and verb != "mask":
+                if verb == "disable":
+                    continue
+                raise ConfigError(f"services.enable: unit '{unit}' does not exist in the image")
+            run(["systemctl", f"--root={root}", "--quiet", verb, unit])
+
+
+# --------------------------------------------------------------------------- packages
+
+
+def installed_packages(root: Path) -> dict[str, str]:
+    """name -> version from the tree's dpkg status."""
+    status = root / "var/lib/dpkg/status"
+    pkgs: dict[str, str] = {}
+    name = version = None
+    installed = False
+    for line in status.read_text().splitlines() + [""]:
+        if not line:
+            if name and version and installed:
+                pkgs[name] = version
+            name = version = None
+            installed = False
+        elif line.startswith("Package: "):
+            name = line[9:]
+        elif line.startswith("Version: "):
+            version = line[9:]
+        elif line.startswith("Status: "):
+            installed = line.endswith(" installed")
+    return dict(sorted(pkgs.items()))
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[str, Any]:
+    """Turn the base tree at *root* into the role's tree. Returns facts for the manifest."""
+    p = cfg.profile
+    ctx = template_context(cfg, identity)
+    for user in p.users:
+        add_user(root, user)
+    written: list[str] = []
+    for name in p.overlays:
+        written += render_overlay(cfg.repo.overlays / name, root, ctx)
+    fb_dir = root / "usr/lib/sohocloud"
+    fb_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cfg.repo.firstboot / "sohocloud-firstboot", fb_dir / "sohocloud-firstboot")
+    shutil.copyfile(cfg.repo.firstboot / "sohocloud-firstboot.service",
+                    root / "usr/lib/systemd/system/sohocloud-firstboot.service")
+    for rel, content in network_units(cfg).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(content)
+    (root / "etc/fstab").write_text(
+        "# <fs> <mountpoint> <type> <options> <dump> <pass>\n"
+        f"UUID={identity['root_fs_uuid']} / ext4 defaults,errors=remount-ro 0 1\n"
+    )
+    apply_edits(root, p.edits)
+    set_services(root, p.services)
+    locked = lock_passwords(root)
+    if locked:
+        log.info("customise: locked password field of %s", ", ".join(locked))
+    remove_machine_identity(root)
+    strip(root, p.strip_paths)
+    journal = root / "var/log/journal"
+    journal.mkdir(parents=True, exist_ok=True)
+    os.chmod(journal, 0o2755)
+    n = apply_modes(root, p.modes)
+    info = {
+        "role": cfg.role,
+        "distro": cfg.distro,
+        "arch": cfg.arch,
+        "target": cfg.target_name,
+        "interfaces": list(p.interfaces),
+        "ports": [asdict(x) for x in p.firewall.ports],
+        "clients": [asdict(x) for x in p.firewall.clients],
+    }
+    (root / "etc/sohocloud").mkdir(parents=True, exist_ok=True)
+    (root / "etc/sohocloud/image.json").write_text(json.dumps(info, indent=1) + "\n")
+    log.info("customise: %d overlay files, %d mode rules applied", len(written), n)
+    return {"overlay_files": len(written), "packages": installed_packages(root)}
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False

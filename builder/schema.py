@@ -1,0 +1,324 @@
+"""Typed, frozen config objects and the validator that builds them from YAML.
+
+The dataclasses *are* the schema: field names are the YAML keys (one
+spelling: snake_case), field types are checked, unknown keys are errors.
+Every error names the file and line of the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from .errors import ConfigError
+from .yamlsrc import KeyPath, Origin
+
+ARCHES = ("amd64", "arm64")
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class Distro:
+    name: Literal["debian"]
+    suite: str
+    mirror: str
+    components: tuple[str, ...] = ("main",)
+    variant: Literal["apt", "essential", "minbase"] = "apt"
+
+
+@dataclass(frozen=True)
+class Services:
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    mask: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Port:
+    """A socket the role serves (or, under `clients`, a client socket it keeps)."""
+
+    zone: str
+    proto: Literal["tcp", "udp"]
+    port: int
+    service: str
+
+
+@dataclass(frozen=True)
+class Forward:
+    src: str  # YAML key: from
+    to: str
+
+
+@dataclass(frozen=True)
+class Firewall:
+    ports: tuple[Port, ...] = ()
+    clients: tuple[Port, ...] = ()
+    forward: tuple[Forward, ...] = ()
+    masquerade: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SysctlException:
+    value: int | str
+    reason: str
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    groups: tuple[str, ...] = ()
+    shell: str = "/bin/bash"
+    sudo_nopasswd: bool = False
+    uid: int | None = None
+
+
+@dataclass(frozen=True)
+class FileMode:
+    mode: str
+    owner: str = "root:root"
+
+
+@dataclass(frozen=True)
+class ConfigEdit:
+    """Set `KEY<sep>VALUE` lines in an existing config file (e.g. login.defs)."""
+
+    file: str
+    set: dict[str, str]
+    separator: str = " "
+
+
+@dataclass(frozen=True)
+class NetIface:
+    dhcp4: bool = False
+    addresses: tuple[str, ...] = ()
+    gateway4: str | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A resolved role: the merge of its `extends:` chain."""
+
+    name: str
+    description: str
+    distro: Distro
+    abstract: bool = False
+    packages: tuple[str, ...] = ()
+    dpkg_exclude: tuple[str, ...] = ()
+    dpkg_include: tuple[str, ...] = ()
+    kernel_modules: tuple[str, ...] = ()
+    module_blacklist: tuple[str, ...] = ()
+    modules_load: tuple[str, ...] = ()
+    services: Services = Services()
+    overlays: tuple[str, ...] = ()
+    interfaces: tuple[str, ...] = ()
+    network: dict[str, NetIface] = field(default_factory=dict)
+    firewall: Firewall = Firewall()
+    sysctl: dict[str, int | str] = field(default_factory=dict)
+    sysctl_exceptions: dict[str, SysctlException] = field(default_factory=dict)
+    users: tuple[User, ...] = ()
+    modes: dict[str, FileMode] = field(default_factory=dict)
+    edits: tuple[ConfigEdit, ...] = ()
+    strip_paths: tuple[str, ...] = ()
+    vars: dict[str, Any] = field(default_factory=dict)
+
+    def effective_sysctl(self) -> dict[str, str]:
+        out = {k: str(v) for k, v in self.sysctl.items()}
+        out.update({k: str(e.value) for k, e in self.sysctl_exceptions.items()})
+        return out
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    binary: str
+    machine: str
+    firmware_code: str
+    firmware_vars: str
+    cpu: str = "max"
+    console: str = "ttyS0"
+    nic_device: str = "virtio-net-pci"
+    nic_addrs: tuple[str, ...] = ()  # PCI addr of NIC n; pairs with Target.nic_paths
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    kernel_package: str
+    boot_packages: tuple[str, ...]
+    efi_loader: str  # path of the UEFI loader inside the boot-package tree
+    efi_fallback: str  # where firmware looks for it on the ESP
+    busybox: str  # static busybox inside the boot-package tree (for the initrd)
+    qemu: QemuSpec
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    type: Literal["esp", "root"]
+    fs: Literal["vfat", "ext4"]
+    size: str  # "64M" or "auto"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    arches: dict[str, ArchSpec]
+    partitions: tuple[Partition, ...]
+    bootloader: Literal["systemd-boot"]
+    outputs: tuple[Literal["qcow2"], ...]
+    cmdline: str
+    kernel_modules: tuple[str, ...] = ()
+    initrd_modules: tuple[str, ...] = ()
+    nic_paths: tuple[str, ...] = ()
+    partition_table: Literal["gpt"] = "gpt"
+    root_free: str = "192M"
+    packages: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- validator
+
+_ALIASES = {"from": "src"}
+
+
+def _field_name(key: str) -> str:
+    return _ALIASES.get(key, key)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is str:
+        return "a string"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any value"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return str(tp)
+
+
+def _fmt_path(path: KeyPath) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+class Validator:
+    """Builds dataclass instances from plain data, reporting errors with origins."""
+
+    def __init__(self, origins: dict[KeyPath, Origin], fallback: Origin):
+        self.origins = origins
+        self.fallback = fallback
+
+    def where(self, path: KeyPath) -> Origin:
+        for n in range(len(path), -1, -1):
+            o = self.origins.get(tuple(path[:n]))
+            if o is not None:
+                return o
+        return self.fallback
+
+    def fail(self, path: KeyPath, msg: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.where(path)}: {_fmt_path(path)}: {msg}")
+
+    def build(self, tp: Any, value: Any, path: KeyPath) -> Any:
+        origin = typing.get_origin(tp)
+        if tp is Any:
+            return value
+        if origin in (Union, types.UnionType):
+            errors = []
+            for alt in typing.get_args(tp):
+                try:
+                    return self.build(alt, value, path)
+                except ConfigError as exc:
+                    errors.append(exc)
+            self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+        if tp is type(None):
+            if value is not None:
+                self.fail(path, f"expected null, got {value!r}")
+            return None
+        if tp is bool:
+            if not isinstance(value, bool):
+                self.fail(path, f"expected true or false, got {value!r}")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.fail(path, f"expected an integer, got {value!r}")
+            return value
+        if tp is str:
+            if not isinstance(value, str):
+                self.fail(path, f"expected a string, got {value!r}")
+            return value
+        if origin is Literal:
+            if value not in typing.get_args(tp):
+                self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+            return value
+        if origin is tuple:
+            if not isinstance(value, list):
+                self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+            (item_tp, _ellipsis) = typing.get_args(tp)
+            return tuple(self.build(item_tp, v, path + (i,)) for i, v in enumerate(value))
+        if origin is dict:
+            if not isinstance(value, dict):
+                self.fail(path, f"expected a mapping, got {value!r}")
+            key_tp, val_tp = typing.get_args(tp)
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    self.fail(path + (k,), f"keys must be strings, got {k!r}")
+                out[k] = self.build(val_tp, v, path + (k,))
+            return out
+        if dataclasses.is_dataclass(tp):
+            return self.build_dataclass(tp, value, path)
+        raise TypeError(f"schema type not supported: {tp}")
+
+    def build_dataclass(self, cls: Any, value: Any, path: KeyPath, extra: dict[str, Any] | None = None) -> Any:
+        if not isinstance(value, dict):
+            self.fail(path, f"expected {_type_name(cls)}, got {value!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = dict(extra or {})
+        for key, v in value.items():
+            name = _field_name(str(key))
+            if name not in fields or name in (extra or {}):
+                known = sorted(k for k in fields if k not in (extra or {}))
+                hint = difflib.get_close_matches(name, known, n=1)
+                tip = f"; did you mean '{hint[0]}'?" if hint else f" (known keys: {', '.join(known)})"
+                self.fail(path + (key,), f"unknown key '{key}'{tip}")
+            kwargs[name] = self.build(hints[name], v, path + (key,))
+        for name, f in fields.items():
+            if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(path, f"missing required key '{name}' ({_type_name(hints[name])})")
+        return cls(**kwargs)
+
+
+SIZE_RE = re.compile(r"^(\d+)([KMG])$")
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> bytes.  Sizes in config are always K/M/G suffixed integers."""
+    m = SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"expected a size like 64M or 2G, got {text!r}")
+    return int(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]

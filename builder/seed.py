@@ -1,0 +1,301 @@
+"""NoCloud seeds: render meta-data/user-data/network-config and pack a 'cidata' volume.
+
+The node side is firstboot/sohocloud-firstboot; keep the two in step (same key
+format rules, same hostname rule, same YAML subset).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from builder.errors import SohoError
+from builder.proc import CommandError, run
+
+SEED_FILES = ("meta-data", "user-data", "network-config")
+ADMIN = "admin"
+CIDATA_LABEL = "CIDATA"  # FAT labels are upper case; firstboot looks for both spellings
+
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+IFACE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+SSH_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)
+# mtools refuses images whose geometry it dislikes unless told not to check.
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+# FAT cannot store 1970; a fixed, valid date keeps the image reproducible.
+DEFAULT_EPOCH = 946684800  # 2000-01-01
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def is_public_key(line: str) -> bool:
+    """An OpenSSH public key line: known type, base64 blob whose embedded type
+    name matches, optional comment. Same rule as firstboot uses on the node."""
+    if "\n" in line or "\r" in line or "\0" in line:
+        return False
+    parts = line.split(None, 2)
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        return False
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    if len(blob) < 4:
+        return False
+    n = int.from_bytes(blob[:4], "big")
+    return blob[4 : 4 + n] == parts[0].encode()
+
+
+def _looks_private(text: str) -> bool:
+    return "PRIVATE KEY" in text or text.lstrip().startswith(("-----BEGIN", "PuTTY-User-Key-File"))
+
+
+def check_hostname(hostname: str) -> str:
+    if not isinstance(hostname, str) or not HOSTNAME_RE.fullmatch(hostname):
+        raise SohoError(
+            f"seed: hostname {hostname!r} is not a valid host name: expected one RFC 1123 label "
+            "(1-63 letters, digits or '-', not starting or ending with '-', no dots)"
+        )
+    return hostname.lower()
+
+
+def check_ssh_keys(keys: list[str], key_file: str | os.PathLike[str] | None = None) -> list[str]:
+    where = f" from {os.fspath(key_file)}" if key_file is not None else ""
+    if not keys:
+        raise SohoError(f"seed: no SSH public key given{where}: the admin account is key-only")
+    out: list[str] = []
+    for i, k in enumerate(keys, 1):
+        if not isinstance(k, str):
+            raise SohoError(f"seed: SSH key #{i}{where} is not a string")
+        if _looks_private(k):
+            raise SohoError(f"seed: SSH key #{i}{where} is a PRIVATE key; pass the .pub file")
+        k = k.strip()
+        if not is_public_key(k):
+            raise SohoError(
+                f"seed: SSH key #{i}{where} is not an OpenSSH public key "
+                "(expected e.g. 'ssh-ed25519 AAAA... comment' on one line)"
+            )
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def check_network(network: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Shape check of a netplan v2 subset; firstboot does the per-field checks."""
+    if network is None:
+        # No ethernets: the node keeps the image's own networkd defaults
+        # (a catch-all DHCP here would override e.g. the router's LAN setup).
+        return {"version": 2, "ethernets": {}}
+    if not isinstance(network, Mapping):
+        raise SohoError("seed: network must be a mapping (netplan version 2)")
+    net = dict(network)
+    if isinstance(net.get("network"), Mapping):
+        net = dict(net["network"])
+    net.setdefault("version", 2)
+    if net["version"] != 2:
+        raise SohoError(f"seed: network.version must be 2, got {net['version']!r}")
+    unknown = sorted(set(net) - {"version", "ethernets"})
+    if unknown:
+        raise SohoError(f"seed: network: unsupported key(s) {', '.join(unknown)} (only 'ethernets')")
+    eths = net.get("ethernets") or {}
+    if not isinstance(eths, Mapping):
+        raise SohoError("seed: network.ethernets must be a mapping of name -> settings")
+    for name, conf in eths.items():
+        if not isinstance(name, str) or not IFACE_ID_RE.fullmatch(name):
+            raise SohoError(f"seed: network.ethernets: {name!r} is not a simple interface id")
+        if not isinstance(conf, Mapping):
+            raise SohoError(f"seed: network.ethernets.{name} must be a mapping")
+    net["ethernets"] = {k: dict(v) for k, v in eths.items()}
+    return net
+
+
+def check_sohocloud(block: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if block is None:
+        return None
+    if not isinstance(block, Mapping):
+        raise SohoError("seed: the sohocloud block must be a mapping")
+    try:
+        # firstboot hands it to role hooks as JSON.
+        json.dumps(block)
+    except (TypeError, ValueError) as e:
+        raise SohoError(f"seed: the sohocloud block must be JSON-compatible ({e})") from None
+    return dict(block)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _dump(data: Any) -> str:
+    # Wide lines: never fold an SSH key or token across lines.
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1 << 16, allow_unicode=True)
+
+
+def default_instance_id(hostname: str, body: Mapping[str, Any]) -> str:
+    """hostname + hash of everything else: stable for the same seed (so a
+    rebuilt identical seed does not re-run firstboot), new when anything changes."""
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return f"{hostname}-{hashlib.sha256(canon.encode()).hexdigest()[:12]}"
+
+
+def render_seed(
+    hostname: str,
+    ssh_keys: list[str],
+    *,
+    instance_id: str | None = None,
+    network: dict[str, Any] | None = None,
+    sohocloud: dict[str, Any] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> dict[str, str]:
+    """Return {'meta-data', 'user-data', 'network-config'} file contents.
+
+    *key_file* only makes error messages name where the keys came from.
+    """
+    host = check_hostname(hostname)
+    keys = check_ssh_keys(ssh_keys, key_file)
+    net = check_network(network)
+    block = check_sohocloud(sohocloud)
+
+    user: dict[str, Any] = {
+        "hostname": host,
+        "users": [{"name": ADMIN, "ssh_authorized_keys": keys}],
+    }
+    if block is not None:
+        user["sohocloud"] = block
+    if instance_id is None:
+        instance_id = default_instance_id(host, {"user": user, "network": net})
+    elif not isinstance(instance_id, str) or not instance_id.strip() or "\n" in instance_id:
+        raise SohoError(f"seed: instance-id {instance_id!r} must be a non-empty one-line string")
+    return {
+        "meta-data": _dump({"instance-id": instance_id, "local-hostname": host}),
+        "user-data": "#cloud-config\n" + _dump(user),
+        "network-config": _dump(net),
+    }
+
+
+def read_ssh_keys(path: str | os.PathLike[str]) -> list[str]:
+    """Public keys from *path*, one per line; blank and '#' lines ignored."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SohoError(f"{p}: SSH public key file not found") from None
+    except UnicodeDecodeError:
+        raise SohoError(f"{p}: not a text file; expected an OpenSSH public key (.pub)") from None
+    except OSError as e:
+        raise SohoError(f"{p}: cannot read SSH public key file: {e.strerror}") from None
+    if _looks_private(text):
+        # Never echo the content: it is a secret.
+        raise SohoError(f"{p}: this looks like a PRIVATE key; pass the public key (usually {p.name}.pub)")
+    keys: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not is_public_key(line):
+            raise SohoError(
+                f"{p}: line {n} is not an OpenSSH public key (expected e.g. 'ssh-ed25519 AAAA... comment')"
+            )
+        keys.append(line)
+    if not keys:
+        raise SohoError(f"{p}: no SSH public key in the file")
+    return keys
+
+
+# --------------------------------------------------------------------------- cidata volume
+
+
+def _tool(name: str, package: str) -> str:
+    # mkfs.vfat lives in /usr/sbin, often missing from a normal user's PATH.
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise SohoError(f"{name} not found: install the '{package}' package on the build host")
+    return found
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise SohoError(f"seed: file name {name!r} is not allowed on the cidata volume")
+
+
+def write_cidata(files: Mapping[str, str], out: str | os.PathLike[str]) -> Path:
+    """Pack *files* into a FAT volume labelled CIDATA at *out* (mode 0600: it holds
+    keys and role secrets). Built under a temp name beside *out* and renamed, so
+    a failure leaves nothing and a reader never sees half an image."""
+    out = Path(out)
+    for name in files:
+        _check_name(name)
+    mkfs = _tool("mkfs.vfat", "dosfstools")
+    mcopy = _tool("mcopy", "mtools")
+    payload = {name: text.encode() for name, text in files.items()}
+    # Room for the data with slack for FAT/directory overhead; 1 MiB minimum
+    # keeps mkfs.vfat on plain FAT12 with sane defaults.
+    need_kib = sum(len(d) // 1024 + 4 for d in payload.values())
+    size_kib = max(1024, 2 * need_kib + 256)
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH)), 315705600)  # >= 1980-01-03
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmpname = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    tmp = Path(tmpname)
+    try:
+        os.ftruncate(fd, size_kib * 1024)
+        os.close(fd)
+        fd = -1
+        # Volume id from the content and --invariant: the same seed gives the same bytes.
+        run([mkfs, "--invariant", "-i", digest[:8], "-n", CIDATA_LABEL, tmp])
+        with tempfile.TemporaryDirectory(prefix="sohocloud-seed-") as src_dir:
+            for name, data in payload.items():
+                src = Path(src_dir) / name
+                src.write_bytes(data)
+                os.utime(src, (epoch, epoch))
+                run([mcopy, "-m", "-o", "-i", tmp, src, f"::/{name}"], env=MTOOLS_ENV)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, out)
+    except CommandError as e:
+        raise SohoError(f"{out}: could not build the cidata volume: {e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def read_cidata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """All top-level files of a cidata FAT volume, by name (for tests and `seed --check`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SohoError(f"{p}: cidata image not found")
+    mdir = _tool("mdir", "mtools")
+    mcopy = _tool("mcopy", "mtools")
+    try:
+        listing = run([mdir, "-b", "-i", p, "::/"], env=MTOOLS_ENV, capture=True).stdout
+        out: dict[str, str] = {}
+        for line in listing.splitlines():
+            line = line.strip()
+            if not line.startswith("::/") or line.endswith("/"):
+                continue
+            name = line[3:]
+            out[name] = run([mcopy, "-n", "-i", p, f"::/{name}", "-"], env=MTOOLS_ENV, capture=True).stdout
+    except CommandError as e:
+        raise SohoError(f"{p}: not a readable FAT cidata volume: {e}") from None
+    return out

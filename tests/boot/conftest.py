@@ -1,0 +1,201 @@
+"""Tier 2 fixtures: build the router image once, boot two routers in parallel.
+
+- router A: direct kernel boot, LAN on a tap in a private network namespace
+  (bridge + a DHCP client namespace), WAN on QEMU user-net (restricted).
+- router B: UEFI boot (OVMF + systemd-boot) the way `sohocloud boot` does it:
+  LAN and WAN on restricted user-net, SSH forwarded from 127.0.0.1; its seed
+  carries WireGuard keys.
+Both use the same image with different seeds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import testinfra
+
+from builder.netlab import Netns, unique_name
+from builder.pipeline import build
+from builder.s1_resolve import Repo, resolve
+from builder.secrets import wireguard_keypair
+from builder.seed import render_seed, write_cidata
+from builder.vm import VM, Nic, user_lan, wait_ssh_banner
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
+ARTIFACTS = Path(os.environ.get("SOHOCLOUD_TEST_ARTIFACTS", REPO / "out" / "test-logs"))
+BOOT_TIMEOUT = float(os.environ.get("SOHOCLOUD_BOOT_TIMEOUT", "240"))
+
+pytestmark = pytest.mark.boot
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("boot tests need root (network namespaces, tap devices)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Node:
+    name: str  # ssh_config host alias
+    hostname: str
+    vm: VM
+    ssh_config: Path
+    known_hosts: Path
+    boot_seconds: float = 0.0
+    wan_ssh: tuple[str, int] | None = None  # (netns or "", port) forwarded to the WAN side
+    extra: dict = field(default_factory=dict)
+
+    def ssh_argv(self, *args: str) -> list[str]:
+        return ["ssh", "-F", str(self.ssh_config), *args, self.name]
+
+    def run(self, cmd: str, *, check: bool = True, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(self.ssh_argv() + [cmd], input=input, capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{self.name}: `{cmd}` exited {r.returncode}: {r.stderr.strip()}")
+        return r
+
+    def host(self):
+        """testinfra over SSH as admin, commands through sudo (no D-Bus for systemctl otherwise)."""
+        return testinfra.get_host(f"ssh://{self.name}", ssh_config=str(self.ssh_config), sudo=True)
+
+
+def ssh_config_entry(alias: str, key: Path, known_hosts: Path, *, hostname: str, port: int = 22,
+                     proxy: str | None = None) -> str:
+    lines = [f"Host {alias}", f"  HostName {hostname}", f"  Port {port}", "  User admin",
+             f"  IdentityFile {key}", "  IdentitiesOnly yes", "  StrictHostKeyChecking accept-new",
+             f"  UserKnownHostsFile {known_hosts}", "  LogLevel ERROR", "  ConnectTimeout 20",
+             "  ControlMaster auto", f"  ControlPath /tmp/sohocloud-t2-%C", "  ControlPersist 300",
+             "  BatchMode yes"]
+    if proxy:
+        lines.append(f"  ProxyCommand {proxy}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def router_cfg():
+    return resolve(Repo(REPO), "router")
+
+
+@pytest.fixture(scope="session")
+def router_image(router_cfg) -> Path:
+    _require_root()
+    return build(router_cfg, OUT).artefact
+
+
+@pytest.fixture(scope="session")
+def test_key(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("key")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sohocloud-test", "-f", d / "id"],
+                   check=True)
+    return d / "id"
+
+
+@pytest.fixture(scope="session")
+def lan(router_image) -> Iterator[Netns]:
+    ns = Netns(unique_name("sct2-")).create()
+    try:
+        ns.add_tap("tap-rt")
+        ns.add_address("10.44.0.250/24")  # the test's own seat on the LAN
+        yield ns
+    finally:
+        ns.delete()
+
+
+@pytest.fixture(scope="session")
+def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str, Node]]:
+    work = tmp_path_factory.mktemp("routers")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    pub = test_key.with_suffix(".pub").read_text().strip()
+    wg_priv, wg_pub = wireguard_keypair()
+    _peer_priv, peer_pub = wireguard_keypair()
+    seed_a = write_cidata(render_seed("rt-alpha", [pub]), work / "seed-a.img")
+    seed_b = write_cidata(render_seed("rt-beta", [pub], sohocloud={"wireguard": {
+        "private_key": wg_priv, "address": "10.45.0.1/24", "listen_port": 51820,
+        "peers": [{"public_key": peer_pub, "allowed_ips": ["10.45.0.2/32"]}]}}), work / "seed-b.img")
+
+    wan_port_a, lan_port_b, wan_port_b = 2222, free_port(), free_port()
+    vm_a = VM(router_image, [Nic("user", hostfwd=(f"tcp:127.0.0.1:{wan_port_a}-:22",)), Nic("tap", ifname="tap-rt")],
+              seed=seed_a, firmware="direct", netns=lan.name, serial_log=ARTIFACTS / "router-a.console.log",
+              workdir=work / "vm-a")
+    vm_b = VM(router_image, [Nic("user", hostfwd=(f"tcp:127.0.0.1:{wan_port_b}-:22",)),
+                             user_lan(ipaddress.IPv4Interface("10.44.0.1/24"), lan_port_b)],
+              seed=seed_b, firmware="uefi", serial_log=ARTIFACTS / "router-b.console.log", workdir=work / "vm-b")
+    for vm in (vm_a, vm_b):
+        vm.workdir.mkdir(parents=True, exist_ok=True)
+
+    cfg = work / "ssh_config"
+    kh_a, kh_b = work / "known_hosts_a", work / "known_hosts_b"
+    cfg.write_text(
+        ssh_config_entry("rt-a", test_key, kh_a, hostname="10.44.0.1",
+                         proxy=f"ip netns exec {lan.name} socat STDIO TCP:%h:%p")
+        + ssh_config_entry("rt-b", test_key, kh_b, hostname="127.0.0.1", port=lan_port_b))
+    a = Node("rt-a", "rt-alpha", vm_a, cfg, kh_a, wan_ssh=(lan.name, wan_port_a))
+    b = Node("rt-b", "rt-beta", vm_b, cfg, kh_b, wan_ssh=("", wan_port_b),
+             extra={"wg_public": wg_pub, "peer_public": peer_pub})
+    try:
+        vm_a.start()
+        vm_b.start()
+
+        def wait(node: Node, host: str, port: int, netns: str | None) -> float:
+            return wait_ssh_banner(host, port, BOOT_TIMEOUT, netns=netns, alive=node.vm.alive)
+
+        with ThreadPoolExecutor(2) as pool:
+            fa = pool.submit(wait, a, "10.44.0.1", 22, lan.name)
+            fb = pool.submit(wait, b, "127.0.0.1", lan_port_b, None)
+            a.boot_seconds, b.boot_seconds = fa.result(), fb.result()
+        for node in (a, b):
+            _wait_login(node)
+        (ARTIFACTS / "boot-times.json").write_text(json.dumps(
+            {"router-a (direct, tap LAN)": round(a.boot_seconds, 1),
+             "router-b (uefi, user-net LAN)": round(b.boot_seconds, 1),
+             "note": "both VMs booted at the same time on 2 host cores"}, indent=1))
+        yield {"a": a, "b": b}
+    finally:
+        for node in (a, b):
+            subprocess.run(node.ssh_argv("-O", "exit"), capture_output=True)
+            node.vm.stop()
+        shutil.copytree(work, ARTIFACTS / "work", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.qcow2", "*.img", "*.fd", "vmlinuz", "initrd.img", "id"))
+
+
+def _wait_login(node: Node, timeout: float = 120) -> None:
+    """SSH answers; wait until the admin key logs in and the boot has settled."""
+    t0 = time.monotonic()
+    last = ""
+    while time.monotonic() - t0 < timeout:
+        r = node.run("sudo -n systemctl is-system-running --wait", check=False, timeout=150)
+        if r.returncode == 0 or r.stdout.strip() in ("running", "degraded"):
+            return
+        last = r.stderr.strip() or r.stdout.strip()
+        time.sleep(2)
+    raise AssertionError(f"{node.name}: no admin login within {timeout} s: {last}\n"
+                         f"console tail:\n{node.vm.console()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def router_a(routers) -> Node:
+    return routers["a"]
+
+
+@pytest.fixture(scope="session")
+def router_b(routers) -> Node:
+    return routers["b"]
