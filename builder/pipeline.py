@@ -19,6 +19,7 @@ from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel
 from .s5_assemble import (BOOTLOADERS, identity, make_esp, make_ext4, plan_layout, sfdisk_script,
                           to_qcow2, tree_size, write_disk)
 from .s6_manifest import manifest_path, read_manifest, recorded_sha256, update_sha256sums, write_json_atomic
+from .progress import step
 from .schema import parse_size
 
 log = logging.getLogger("sohocloud.build")
@@ -120,7 +121,8 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
         raw = work / "disk.raw"
         write_disk(placed, images, disk_size, sfdisk_script(placed, cfg.arch, ident), raw)
         log.info("assemble: GPT disk %d MiB (root %d MiB used)", disk_size >> 20, root_bytes >> 20)
-        to_qcow2(raw, artefact)
+        with step(f"assemble: qcow2 {artefact.name}"):
+            to_qcow2(raw, artefact)
 
         seconds = time.monotonic() - t0
         manifest = {

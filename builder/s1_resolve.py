@@ -101,10 +101,10 @@ def _merge(base: Any, base_o: dict[KeyPath, Origin], over: Any, over_o: dict[Key
                 out_o[p] = over_o.get(p) or base_o.get(p)
                 merged[k] = _merge(base[k], base_o, over[k], over_o, p, out_o)
             elif k in base:
-                _copy_origins(base, base_o, k, p, p, out_o)
+                _copy_prefix(base_o, p, p, out_o)
                 merged[k] = base[k]
             else:
-                _copy_origins(over, over_o, k, p, p, out_o)
+                _copy_prefix(over_o, p, p, out_o)
                 merged[k] = over[k]
         return merged
     if isinstance(base, list) and isinstance(over, list) and path not in _REPLACED:
@@ -119,11 +119,6 @@ def _merge(base: Any, base_o: dict[KeyPath, Origin], over: Any, over_o: dict[Key
         return merged_list
     _copy_prefix(over_o, path, path, out_o)
     return over
-
-
-def _copy_origins(src: dict, src_o: dict[KeyPath, Origin], key: Any, old: KeyPath, new: KeyPath,
-                  out_o: dict[KeyPath, Origin]) -> None:
-    _copy_prefix(src_o, old, new, out_o)
 
 
 def _copy_prefix(src_o: dict[KeyPath, Origin], old: KeyPath, new: KeyPath, out_o: dict[KeyPath, Origin]) -> None:
@@ -163,7 +158,7 @@ def load_layers(repo: Repo, name: str, *, chain: tuple[str, ...] = (), referrer:
 def merge_layers(layers: list[Located]) -> tuple[dict, dict[KeyPath, Origin]]:
     data: dict = {}
     origins: dict[KeyPath, Origin] = {}
-    for i, layer in enumerate(layers):
+    for _i, layer in enumerate(layers):
         own = {k: v for k, v in layer.data.items() if k not in _NOT_INHERITED}
         own_o = {p: o for p, o in layer.origins.items() if p[0] not in _NOT_INHERITED}
         new_o: dict[KeyPath, Origin] = {}

@@ -15,9 +15,11 @@ import logging
 import os
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 from .cache import StageCache, StageResult, digest, locked
+from .progress import step
 from .proc import run
 from .s1_resolve import BuildConfig
 
@@ -99,7 +101,25 @@ def _mmdebstrap(cfg: BuildConfig, cache: StageCache, out: Path, *, variant: str,
     env = {"INITRD": "No", "TMPDIR": str(cache.tmp), "SOURCE_DATE_EPOCH": source_date_epoch()}
     # One mmdebstrap per package cache at a time: apt's lists are shared.
     with locked(pkg_cache / ".lock"):
+        fresh = lists_are_fresh(pkg_cache / "lists")
+        if fresh:
+            cmd.insert(1, "--skip=update")
         run(cmd, env=env, timeout=3600)
+        if not fresh:
+            (pkg_cache / "lists" / STAMP).touch()
+
+
+STAMP = ".sohocloud-updated"
+
+
+def lists_are_fresh(lists: Path) -> bool:
+    """apt lists fetched less than SOHOCLOUD_APT_MAX_AGE hours ago (default 24) are reused
+    without `apt-get update`: a rebuild then touches no network at all."""
+    stamp = lists / STAMP
+    max_age = float(os.environ.get("SOHOCLOUD_APT_MAX_AGE", "24")) * 3600
+    if not stamp.is_file() or not any(lists.glob("*_Packages*")):
+        return False
+    return time.time() - stamp.stat().st_mtime < max_age
 
 
 def source_date_epoch() -> str:
@@ -118,8 +138,8 @@ def build_rootfs(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True)
         extra += [f"--dpkgopt={x}" for x in module_dpkg_patterns(cfg.kernel_module_paths())]
         if MERGED_USR_HOOKS.is_dir():
             extra.append(f"--hook-dir={MERGED_USR_HOOKS}")
-        log.info("rootfs: mmdebstrap %s %s, %d packages", p.distro.suite, cfg.arch, len(cfg.all_packages()))
-        _mmdebstrap(cfg, cache, out, variant=p.distro.variant, packages=cfg.all_packages(), extra=extra)
+        with step(f"rootfs: mmdebstrap {p.distro.suite} {cfg.arch}, {len(cfg.all_packages())} packages"):
+            _mmdebstrap(cfg, cache, out, variant=p.distro.variant, packages=cfg.all_packages(), extra=extra)
 
     return cache.produce("rootfs", key, "rootfs.tar", inputs, make, use_cache=use_cache)
 
@@ -135,8 +155,8 @@ def build_bootfiles(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = Tr
     key = digest(inputs)
 
     def make(out: Path) -> None:
-        log.info("bootfiles: extracting %s", ", ".join(cfg.arch_spec.boot_packages))
-        _mmdebstrap(cfg, cache, out, variant="extract", packages=cfg.arch_spec.boot_packages, extra=[])
+        with step(f"bootfiles: extracting {', '.join(cfg.arch_spec.boot_packages)}"):
+            _mmdebstrap(cfg, cache, out, variant="extract", packages=cfg.arch_spec.boot_packages, extra=[])
 
     return cache.produce("bootfiles", key, "boot.tar", inputs, make, use_cache=use_cache)
 

@@ -8,7 +8,6 @@ same as amd64.  Roles differ only through their data (profile + overlays).
 from __future__ import annotations
 
 import fnmatch
-import grp
 import json
 import logging
 import os
@@ -259,7 +258,7 @@ def apply_modes(root: Path, modes) -> int:
         start = root / base.lstrip("/")
         if not start.exists():
             continue
-        for dirpath, dirnames, filenames in os.walk(start):
+        for dirpath, _dirnames, filenames in os.walk(start):
             for name in filenames:
                 p = Path(dirpath) / name
                 image_path = "/" + p.relative_to(root).as_posix()
@@ -420,11 +419,3 @@ def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[st
     (root / "etc/sohocloud/image.json").write_text(json.dumps(info, indent=1) + "\n")
     log.info("customise: %d overlay files, %d mode rules applied", len(written), n)
     return {"overlay_files": len(written), "packages": installed_packages(root)}
-
-
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-        return True
-    except KeyError:
-        return False

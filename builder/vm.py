@@ -8,7 +8,6 @@ TCG; `--firmware uefi` boots the same disk through OVMF and systemd-boot.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import shlex
@@ -262,14 +261,28 @@ class VM:
 
 def wait_ssh_banner(host: str, port: int, timeout: float, *, netns: str | None = None,
                     alive=lambda: True) -> float:
-    """Seconds until an SSH banner is read from host:port (inside *netns* if given)."""
+    """Seconds until an SSH banner is read from host:port (inside *netns* if given).
+
+    Probes overlap (a new one every 0.5 s, each allowed a few seconds): through
+    QEMU user-net a connection is accepted at once and only then forwarded, so
+    a probe started just before sshd listens would otherwise hide the moment it does.
+    """
+    import concurrent.futures as cf
+
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if not alive():
-            raise SohoError("the VM exited before SSH came up")
-        if _banner(host, port, netns):
-            return time.monotonic() - t0
-        time.sleep(0.2)
+    with cf.ThreadPoolExecutor(max_workers=12) as pool:
+        pending: set[cf.Future] = set()
+        try:
+            while time.monotonic() - t0 < timeout:
+                if not alive():
+                    raise SohoError("the VM exited before SSH came up")
+                pending.add(pool.submit(_banner, host, port, netns))
+                done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                if any(f.result() for f in done):
+                    return time.monotonic() - t0
+        finally:
+            for f in pending:
+                f.cancel()
     raise SohoError(f"no SSH banner from {host}:{port} within {timeout:.0f} s")
 
 

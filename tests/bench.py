@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""`make bench`: measure sohocloud against plain baselines in one run, write BENCHMARKS.md.
+
+Baselines, measured in the same run on the same machine:
+- build: a bare mmdebstrap of the same package set (stock: recommends off as ours, but docs,
+  all kernel modules and an emulation-free but stock mkinitramfs), its package cache pre-seeded the
+  way mmdebstrap documents (sync-in), so neither side downloads;
+- boot: that stock tree (its own kernel + mkinitramfs initrd) booted the same way (direct kernel
+  boot, TCG), to a login prompt; ours to a login prompt and to an SSH banner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from builder.cache import StageCache  # noqa: E402
+from builder.pipeline import build  # noqa: E402
+from builder.proc import run  # noqa: E402
+from builder.s1_resolve import Repo, resolve  # noqa: E402
+from builder.s2_rootfs import extract_tar  # noqa: E402
+from builder.s5_assemble import make_ext4, tree_size  # noqa: E402
+from builder.seed import render_seed, write_cidata  # noqa: E402
+from builder.vm import VM, BootFiles, Nic, accel_args, qemu_argv, user_lan, wait_ssh_banner  # noqa: E402
+
+MANUAL_MARK = "<!-- kept by make bench: notes below this line are not regenerated -->"
+LOGIN_RE = re.compile(rb"login: ")
+
+
+def timed(fn):
+    t0 = time.monotonic()
+    result = fn()
+    return time.monotonic() - t0, result
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))) // 1024
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": f"{mem // 1024} GiB",
+            "kernel": platform.release(), "accel": " ".join(accel_args("amd64")),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+# --------------------------------------------------------------------------- builds
+
+
+def bare_mmdebstrap(cfg, cache: StageCache, out: Path) -> float:
+    d = cfg.profile.distro
+    debs = cache.packages(d.name, d.suite, cfg.arch) / "debs"
+    cmd = ["mmdebstrap", f"--variant={d.variant}", "--mode=root", "--format=tar", f"--architectures={cfg.arch}",
+           "--skip=essential/unlink", "--aptopt=APT::Install-Recommends \"false\"",
+           f"--include={','.join(cfg.all_packages())}",
+           f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives && cp -al {debs}/. \"$1\"/var/cache/apt/archives/",
+           d.suite, str(out), d.mirror]
+    seconds, _ = timed(lambda: run(cmd, env={"TMPDIR": str(cache.tmp)}, timeout=3600))
+    return seconds
+
+
+def overlay_edit_rebuild(cfg, out_dir: Path) -> float:
+    target = cfg.repo.overlays / "router/etc/sohocloud/dnsmasq-upstream.conf"
+    original = target.read_text()
+    try:
+        target.write_text(original + f"# bench edit {time.time()}\n")
+        seconds, _ = timed(lambda: build(resolve(cfg.repo, "router"), out_dir))
+    finally:
+        target.write_text(original)
+    return seconds
+
+
+# --------------------------------------------------------------------------- boots
+
+
+def boot_ours(image: Path, seed: Path, firmware: str, logdir: Path) -> tuple[float, float]:
+    """(seconds to the serial login prompt, seconds to an SSH banner on the LAN side)."""
+    port = 2300 + (1 if firmware == "uefi" else 0)
+    log = logdir / f"ours-{firmware}.console.log"
+    vm = VM(image, [Nic("user"), user_lan(ipaddress.IPv4Interface("10.44.0.1/24"), port)], seed=seed,
+            firmware=firmware, serial_log=log, workdir=Path(tempfile.mkdtemp(prefix="bench-vm.")))
+    try:
+        vm.start()
+        with ThreadPoolExecutor(1) as pool:
+            login = pool.submit(_wait_console, log, vm.started, 300)
+            ssh = wait_ssh_banner("127.0.0.1", port, 300, alive=vm.alive)
+            return login.result(), ssh
+    finally:
+        vm.cleanup()
+
+
+def _wait_console(log: Path, started: float, timeout: float) -> float:
+    """Seconds from *started* until the serial console shows a login prompt (polled every 0.1 s)."""
+    while time.monotonic() - started < timeout:
+        if log.exists() and LOGIN_RE.search(log.read_bytes()):
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise RuntimeError(f"no login prompt in {log}")
+
+
+def boot_stock(stock_tar: Path, work: Path, cfg, logdir: Path) -> float:
+    """The stock tree, direct kernel boot with its own initrd, to a login prompt on the serial console."""
+    root = work / "stock-root"
+    extract_tar(stock_tar, root)
+    kernel = next((root / "boot").glob("vmlinuz-*"))
+    initrd = next((root / "boot").glob("initrd.img-*"))
+    shutil.copyfile(kernel, work / "stock-vmlinuz")
+    shutil.copyfile(initrd, work / "stock-initrd")
+    size = tree_size(root)
+    fs = work / "stock-root.img"
+    make_ext4(root, fs, (size + size // 5 + (256 << 20)) // (1 << 20) * (1 << 20), "6a3e6f0e-0000-4000-8000-000000000001",
+              "root", 1735689600)
+    shutil.rmtree(root)
+    qcow = work / "stock.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", fs, qcow])
+    fs.unlink()
+    spec = cfg.arch_spec.qemu
+    log = logdir / "stock.console.log"
+    argv = qemu_argv(spec, cfg.arch, qcow, nics=[Nic("user")],
+                     boot=BootFiles(work / "stock-vmlinuz", work / "stock-initrd",
+                                    "root=/dev/vda rw console=ttyS0,115200 systemd.firstboot=off"),
+                     serial=f"file:{log}")
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return _wait_console(log, started, 400)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def row(name: str, ours: str, base: str, target: str, ok: bool | None) -> str:
+    mark = "" if ok is None else ("yes" if ok else "**no**")
+    return f"| {name} | {ours} | {base} | {target} | {mark} |"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--output", default="BENCHMARKS.md")
+    args = ap.parse_args()
+    out_path = REPO / args.output
+    work = Path(tempfile.mkdtemp(prefix="sohocloud-bench.", dir=StageCache().tmp))
+    logdir = REPO / "out" / "bench-logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    out_dir = work / "out"
+    cfg = resolve(Repo(REPO), "router")
+    cache = StageCache()
+    r: dict[str, float] = {}
+    try:
+        print("bench: warming the package cache (not measured)", flush=True)
+        build(cfg, out_dir)
+        print("bench: bare mmdebstrap baseline", flush=True)
+        r["bare"] = bare_mmdebstrap(cfg, cache, work / "stock.tar")
+        print("bench: cold build (every stage rebuilt; .debs cached)", flush=True)
+        r["cold"], res = timed(lambda: build(cfg, out_dir, use_cache=False))
+        image = res.artefact
+        manifest = json.loads(res.manifest.read_text())
+        print("bench: no-op rebuild", flush=True)
+        r["noop"], _ = timed(lambda: build(resolve(cfg.repo, "router"), out_dir))
+        print("bench: rebuild after an overlay edit", flush=True)
+        r["overlay"] = overlay_edit_rebuild(cfg, out_dir)
+        build(resolve(cfg.repo, "router"), out_dir)  # back to the committed overlay
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / "key")])
+        seed = write_cidata(render_seed("bench", [(work / "key.pub").read_text().strip()]), work / "seed.img")
+        print("bench: boots (one VM at a time)", flush=True)
+        r["login_direct"], r["ssh_direct"] = boot_ours(image, seed, "direct", logdir)
+        r["login_uefi"], r["ssh_uefi"] = boot_ours(image, seed, "uefi", logdir)
+        r["stock_login"] = boot_stock(work / "stock.tar", work, cfg, logdir)
+        stock_tar_bytes = (work / "stock.tar").stat().st_size
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    m = machine()
+    qcow_mb = manifest["sizes"]["artefact_bytes"] / 1e6
+    tree_mb = manifest["sizes"]["tree_bytes"] / 1e6
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` on {m['date']}: {m['cpu']}, {m['cores']} cores, {m['memory']}, "
+        f"host kernel {m['kernel']}, QEMU `{m['accel']}`. All figures from this one run.",
+        "",
+        "Router role, amd64, qemu target. Baselines: a bare `mmdebstrap` of the same package set "
+        "(package cache pre-seeded, so neither side downloads), and that stock tree booted the same way "
+        "(direct kernel boot with its own mkinitramfs initrd, TCG).",
+        "",
+        "| measure | sohocloud | baseline | target | met |",
+        "|---|---|---|---|---|",
+        row("cold build (all stages, .debs cached)", f"{r['cold']:.1f} s", f"{r['bare']:.1f} s bare mmdebstrap",
+            "≤ 1.3× bare", r["cold"] <= 1.3 * r["bare"]),
+        row("no-op rebuild", f"{r['noop']:.1f} s", "", "≤ 5 s", r["noop"] <= 5),
+        row("rebuild after a one-file overlay edit", f"{r['overlay']:.1f} s", "", "≤ 30 s", r["overlay"] <= 30),
+        row("tree size", f"{tree_mb:.0f} MB", f"{stock_tar_bytes / 1e6:.0f} MB (stock tar)", "", None),
+        row("qcow2 size", f"{qcow_mb:.1f} MB", "", "≤ 120 MB", qcow_mb <= 120),
+        row("boot to SSH banner, direct kernel boot (TCG)", f"{r['ssh_direct']:.1f} s", "", "≤ 15 s",
+            r["ssh_direct"] <= 15),
+        row("boot to login prompt, direct kernel boot (TCG)", f"{r['login_direct']:.1f} s",
+            f"{r['stock_login']:.1f} s stock tree", "", None),
+        row("boot to SSH banner, UEFI: OVMF + systemd-boot (TCG)", f"{r['ssh_uefi']:.1f} s", "", "", None),
+        row("boot to login prompt, UEFI (TCG)", f"{r['login_uefi']:.1f} s", "", "", None),
+        "",
+        f"Ratios: cold build / bare mmdebstrap = {r['cold'] / r['bare']:.2f}; "
+        f"stock boot-to-login / ours (direct) = {r['stock_login'] / r['login_direct']:.2f}.",
+        "",
+        "Boot times are from QEMU start; SSH is first seen by a probe polling the forwarded port "
+        "(first firstboot included: seed read, host key generated). Console logs: `out/bench-logs/`.",
+        "",
+    ]
+    manual = ""
+    if out_path.exists() and MANUAL_MARK in out_path.read_text():
+        manual = out_path.read_text().split(MANUAL_MARK, 1)[1]
+    text = "\n".join(lines) + "\n" + MANUAL_MARK + (manual if manual else "\n")
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out_path)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
