@@ -14,7 +14,7 @@ OUT         ?= out
 # archive into image trees, never onto the host.
 APT_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools e2fsprogs fdisk \
                 squashfs-tools xz-utils kmod busybox socat iproute2 openssh-client systemd \
-                ca-certificates python3-venv
+                ca-certificates python3-venv nftables cpio
 
 .PHONY: all deps apt venv image test test-unit test-boot bench clean distclean
 
