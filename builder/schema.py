@@ -218,6 +218,15 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+def _same_shape(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or origin is dict
+    if isinstance(value, list):
+        return origin is tuple
+    return False
+
+
 def _fmt_path(path: KeyPath) -> str:
     out = ""
     for p in path:
@@ -247,12 +256,17 @@ class Validator:
         if tp is Any:
             return value
         if origin in (Union, types.UnionType):
-            errors = []
-            for alt in typing.get_args(tp):
+            alts = typing.get_args(tp)
+            # A value shaped like exactly one alternative (a mapping for a dataclass, say)
+            # gets that alternative's precise error instead of a generic "expected X or Y".
+            shaped = [a for a in alts if _same_shape(a, value)]
+            if len(shaped) == 1:
+                return self.build(shaped[0], value, path)
+            for alt in alts:
                 try:
                     return self.build(alt, value, path)
-                except ConfigError as exc:
-                    errors.append(exc)
+                except ConfigError:
+                    pass
             self.fail(path, f"expected {_type_name(tp)}, got {value!r}")
         if tp is type(None):
             if value is not None:

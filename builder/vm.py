@@ -232,6 +232,8 @@ class VM:
 
     def start(self) -> None:
         argv = self.argv()
+        if self.serial_log:
+            self.serial_log.unlink(missing_ok=True)  # a stale log must not look like this boot's console
         log.info("boot: %s", shlex.join(argv))
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -263,21 +265,33 @@ def wait_ssh_banner(host: str, port: int, timeout: float, *, netns: str | None =
                     alive=lambda: True) -> float:
     """Seconds until an SSH banner is read from host:port (inside *netns* if given).
 
-    Probes overlap (a new one every 0.5 s, each allowed a few seconds): through
-    QEMU user-net a connection is accepted at once and only then forwarded, so
-    a probe started just before sshd listens would otherwise hide the moment it does.
+    On a tap LAN (netns) a probe is exact: connect() fails at once until the
+    guest listens, and a connection that succeeds waits for the banner.
+    Through QEMU user-net every connect succeeds at once and is only then
+    forwarded, so probes overlap a little (one more each second, three at
+    most) lest one stuck in forwarding hide the moment sshd answers; few
+    enough not to load the guest while it boots.
     """
     import concurrent.futures as cf
 
     t0 = time.monotonic()
-    with cf.ThreadPoolExecutor(max_workers=12) as pool:
+    if netns is not None:
+        while time.monotonic() - t0 < timeout:
+            if not alive():
+                raise SohoError("the VM exited before SSH came up")
+            if _banner_netns(host, port, netns, min(60.0, timeout)):
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        raise SohoError(f"no SSH banner from {host}:{port} within {timeout:.0f} s")
+    with cf.ThreadPoolExecutor(max_workers=3) as pool:
         pending: set[cf.Future] = set()
         try:
             while time.monotonic() - t0 < timeout:
                 if not alive():
                     raise SohoError("the VM exited before SSH came up")
-                pending.add(pool.submit(_banner, host, port, netns))
-                done, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                if len(pending) < 3:
+                    pending.add(pool.submit(_banner_user_net, host, port))
+                done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
                 if any(f.result() for f in done):
                     return time.monotonic() - t0
         finally:
@@ -286,19 +300,33 @@ def wait_ssh_banner(host: str, port: int, timeout: float, *, netns: str | None =
     raise SohoError(f"no SSH banner from {host}:{port} within {timeout:.0f} s")
 
 
-def _banner(host: str, port: int, netns: str | None) -> bool:
-    if netns is None:
-        try:
-            # user-net accepts at once and only then tries the guest: a short
-            # read timeout keeps the probe from sleeping through the moment sshd is up.
-            with socket.create_connection((host, port), timeout=1) as s:
-                s.settimeout(4)
-                return s.recv(64).startswith(b"SSH-")
-        except OSError:
-            return False
-    r = subprocess.run(["ip", "netns", "exec", netns, "socat", "-t2.5", "-T3", "-", f"TCP:{host}:{port},connect-timeout=1"],
-                       input=b"", capture_output=True, timeout=10)
-    return r.stdout.startswith(b"SSH-")
+def _banner_user_net(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.settimeout(8)
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+_PROBE = """
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1)
+    s.settimeout(float(sys.argv[3]))
+    sys.stdout.write(s.recv(64).decode(errors="replace"))
+except OSError:
+    pass
+"""
+
+
+def _banner_netns(host: str, port: int, netns: str, wait: float) -> bool:
+    """One probe from inside *netns*: returns as soon as the banner (or a refusal) arrives."""
+    import sys
+
+    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _PROBE, host, str(port), str(wait)],
+                       capture_output=True, text=True, timeout=wait + 10)
+    return r.stdout.startswith("SSH-")
 
 
 def boot_interactive(image: Path, *, seed: Path | None, ssh_port: int, firmware: str, memory: int) -> int:
@@ -311,8 +339,9 @@ def boot_interactive(image: Path, *, seed: Path | None, ssh_port: int, firmware:
     vm = VM(image, nics, seed=seed, firmware=firmware, memory=memory)
     try:
         argv = vm.argv()
-        print(f"sohocloud: booting {image.name} ({'TCG' if '-accel' in argv and 'tcg' in ' '.join(argv) else 'KVM'},"
-              f" {firmware}); SSH: ssh -p {ssh_port} admin@127.0.0.1; quit: Ctrl-a x", flush=True)
+        accel = "KVM" if "kvm" in accel_args(manifest["arch"]) else "TCG"
+        print(f"sohocloud: booting {image.name} ({accel}, {firmware}); "
+              f"SSH: ssh -p {ssh_port} admin@127.0.0.1; quit: Ctrl-a x", flush=True)
         return subprocess.call(argv)
     finally:
         vm.cleanup()

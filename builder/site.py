@@ -1,0 +1,169 @@
+"""A site: one YAML file describing the office (nodes, LAN, users, cluster).
+
+Validated like profiles (file:line, key, expectation) before anything is
+built; the result is one frozen Site object.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import ConfigError
+from .schema import ARCHES, Validator
+from .yamlsrc import Origin, load_yaml
+
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class SiteNode:
+    name: str
+    role: str
+    address: str  # LAN address, without prefix
+    mac: str
+    target: str = "qemu"
+    arch: str = "amd64"
+
+
+@dataclass(frozen=True)
+class LdapGroup:
+    name: str
+    gid: int
+
+
+@dataclass(frozen=True)
+class LdapUser:
+    name: str
+    uid: int
+    groups: tuple[str, ...] = ()
+    ssh_keys: tuple[str, ...] = ()
+    password_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class K3sArtifacts:
+    binary: str
+    binary_sha256: str
+    images: str
+    images_sha256: str
+
+
+@dataclass(frozen=True)
+class Cluster:
+    engine: Literal["swarm", "k3s"] = "swarm"
+    k3s: K3sArtifacts | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    domain: str
+    lan: str  # CIDR of the office LAN
+    admin_ssh_keys: tuple[str, ...]
+    nodes: tuple[SiteNode, ...]
+    cluster: Cluster = Cluster()
+    groups: tuple[LdapGroup, ...] = ()
+    users: tuple[LdapUser, ...] = ()
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.lan)
+
+    def node(self, name: str) -> SiteNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"site '{self.name}' has no node '{name}' (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def nodes_with_role(self, role: str) -> list[SiteNode]:
+        return [n for n in self.nodes if n.role == role]
+
+    def builds(self) -> list[tuple[str, str, str]]:
+        """Each (role, arch, target) the site needs, once."""
+        return sorted({(n.role, n.arch, n.target) for n in self.nodes})
+
+
+def site_path(repo_root: Path, site: str) -> Path:
+    """A site given by name (sites/<name>.yaml) or by path."""
+    p = Path(site)
+    if p.suffix in (".yaml", ".yml") or "/" in site:
+        return p
+    return repo_root / "sites" / f"{site}.yaml"
+
+
+def load_site(path: Path, *, known_roles: list[str], repo_root: Path | None = None) -> Site:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such site file")
+    doc = load_yaml(path)
+    v = Validator(doc.origins, Origin(path, 1))
+    data = dict(doc.data)
+    if "site" in data:
+        data["name"] = data.pop("site")
+        if ("site",) in doc.origins:
+            doc.origins[("name",)] = doc.origins[("site",)]
+    site = v.build_dataclass(Site, data, ())
+    _check(site, v, known_roles, path.parent if repo_root is None else repo_root)
+    return site
+
+
+def _check(site: Site, v: Validator, known_roles: list[str], base: Path) -> None:
+    if not NAME_RE.match(site.name):
+        v.fail(("site",), f"expected a lowercase DNS label for the site name, got {site.name!r}")
+    try:
+        net = ipaddress.IPv4Network(site.lan)
+    except ValueError as exc:
+        v.fail(("lan",), f"expected an IPv4 network like 10.44.0.0/24: {exc}")
+    if not site.admin_ssh_keys:
+        v.fail(("admin_ssh_keys",), "expected at least one admin SSH public key")
+    seen: dict[str, dict[str, int]] = {"name": {}, "mac": {}, "address": {}}
+    for i, node in enumerate(site.nodes):
+        where = ("nodes", i)
+        if not NAME_RE.match(node.name):
+            v.fail(where + ("name",), f"expected a lowercase DNS label, got {node.name!r}")
+        if node.role not in known_roles:
+            v.fail(where + ("role",), f"unknown role '{node.role}' (known: {', '.join(known_roles)})")
+        if node.arch not in ARCHES:
+            v.fail(where + ("arch",), f"expected one of {', '.join(ARCHES)}, got {node.arch!r}")
+        if not MAC_RE.match(node.mac):
+            v.fail(where + ("mac",), f"expected a lowercase MAC like 52:54:00:44:00:01, got {node.mac!r}")
+        try:
+            addr = ipaddress.IPv4Address(node.address)
+        except ValueError:
+            v.fail(where + ("address",), f"expected an IPv4 address, got {node.address!r}")
+        if addr not in net or addr in (net.network_address, net.broadcast_address):
+            v.fail(where + ("address",), f"{addr} is not a host address of the site LAN {net}")
+        for key in ("name", "mac", "address"):
+            value = getattr(node, key)
+            if value in seen[key]:
+                v.fail(where + (key,), f"duplicate {key} {value!r} (also node {seen[key][value]})")
+            seen[key][value] = i
+    routers = site.nodes_with_role("router")
+    if len(routers) != 1:
+        v.fail(("nodes",), f"expected exactly one node with role router, found {len(routers)}")
+    gids = {g.name: g.gid for g in site.groups}
+    for i, user in enumerate(site.users):
+        if not NAME_RE.match(user.name):
+            v.fail(("users", i, "name"), f"expected a lowercase login name, got {user.name!r}")
+        if not 1000 <= user.uid < 60000:
+            v.fail(("users", i, "uid"), f"expected a uid from 1000 to 59999, got {user.uid}")
+        for j, g in enumerate(user.groups):
+            if g not in gids:
+                v.fail(("users", i, "groups", j), f"unknown group '{g}' (declare it under groups)")
+    if site.cluster.engine == "k3s":
+        k = site.cluster.k3s
+        if k is None:
+            v.fail(("cluster", "engine"), "engine k3s needs cluster.k3s: {binary, binary_sha256, images, "
+                   "images_sha256} (k3s is in no registry reachable here: supply its air-gap files)")
+        for key in ("binary", "images"):
+            path = (base / getattr(k, key)).resolve()
+            if not path.is_file():
+                v.fail(("cluster", "k3s", key), f"no such file: {path}")
+            digest = getattr(k, f"{key}_sha256")
+            if not SHA256_RE.match(digest):
+                v.fail(("cluster", "k3s", f"{key}_sha256"), "expected 64 lowercase hex digits")
