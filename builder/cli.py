@@ -89,6 +89,33 @@ def cmd_boot(args: argparse.Namespace) -> int:
                             ssh_port=args.ssh_port, firmware=args.firmware, memory=args.memory)
 
 
+def cmd_fleet_build(args: argparse.Namespace) -> int:
+    from .cache import StageCache
+    from .fleet import SiteSecrets, write_node_seed
+    from .pipeline import build
+    from .s1_resolve import Repo, resolve
+    from .site import load_site, site_path
+
+    repo = Repo(repo_root())
+    site = load_site(site_path(repo.root, args.site), known_roles=repo.roles(), repo_root=repo.root)
+    # Resolve every image the site needs before any long work: a bad role or
+    # target fails now, not after the first build.
+    cfgs = [resolve(repo, role, target=target, arch=arch) for role, arch, target in site.builds()]
+    _check_host_tools(["mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "qemu-img", "systemctl"])
+    secrets = SiteSecrets(Path(args.secrets) / site.name)
+    out = Path(args.output)
+    cache = StageCache()
+    for i, cfg in enumerate(cfgs, 1):
+        log.info("fleet %s: image %d/%d: %s", site.name, i, len(cfgs), cfg.slug)
+        build(cfg, out, cache=cache)
+    seeds = out / site.name / "seeds"
+    for node in site.nodes:
+        path = write_node_seed(site, node, secrets, seeds)
+        log.info("fleet %s: seed for %s (%s) -> %s", site.name, node.name, node.role, path)
+    print(seeds)
+    return 0
+
+
 def _check_host_tools(tools: list[str]) -> None:
     import shutil
 
@@ -133,6 +160,14 @@ def parser() -> argparse.ArgumentParser:
                    help="direct: kernel+initrd from the image's ESP (fast); uefi: OVMF + systemd-boot")
     s.add_argument("--memory", type=int, default=1024, help="MiB")
     s.set_defaults(func=cmd_boot)
+
+    fleet = sub.add_parser("fleet", help="a whole site: secrets, images, seeds")
+    fsub = fleet.add_subparsers(dest="fleet_verb", required=True)
+    s = fsub.add_parser("build", help="secrets (once), each role image once, one seed per node")
+    s.add_argument("site", help="site name (sites/<name>.yaml) or path to a site file")
+    s.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
+    s.add_argument("--secrets", default="secrets", help="where site secrets live (default: secrets/)")
+    s.set_defaults(func=cmd_fleet_build)
     return p
 
 

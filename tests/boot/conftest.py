@@ -154,7 +154,10 @@ def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str,
     pub = test_key.with_suffix(".pub").read_text().strip()
     wg_priv, wg_pub = wireguard_keypair()
     _peer_priv, peer_pub = wireguard_keypair()
-    seed_a = write_cidata(render_seed("rt-alpha", [pub]), work / "seed-a.img")
+    # A carries the site's hosts: a DHCP reservation and DNS name for "nas".
+    seed_a = write_cidata(render_seed("rt-alpha", [pub], sohocloud={"router": {"hosts": [
+        {"name": "nas", "mac": "52:54:00:c1:00:02", "address": "10.44.0.20"},
+        {"name": "rt-alpha", "mac": "52:54:00:5c:00:02", "address": "10.44.0.1"}]}}), work / "seed-a.img")
     # B also moves its LAN to another subnet: `sohocloud boot` must follow the seed.
     lan_b = {"version": 2, "ethernets": {"lan": {"match": {"name": "lan"}, "addresses": ["10.77.0.1/24"]}}}
     seed_b = write_cidata(render_seed("rt-beta", [pub], network=lan_b, sohocloud={"wireguard": {

@@ -79,3 +79,43 @@ def test_interrupted_build_leaves_nothing_behind(router_image, tmp_path):
     assert list((StageCache().root / "stages" / "rootfs").glob(".*")) == stage_tmp, err
     mounts = Path("/proc/mounts").read_text()
     assert "mmdebstrap" not in mounts and str(StageCache().tmp) not in mounts
+
+
+def test_fleet_build_secrets_once_and_seeds(router_image, tmp_path, test_key):
+    site = tmp_path / "tiny.yaml"
+    site.write_text(f"""\
+site: tiny
+domain: tiny.lan
+lan: 10.44.0.0/24
+admin_ssh_keys: ["{test_key.with_suffix('.pub').read_text().strip()}"]
+nodes:
+  - {{name: gw, role: router, address: 10.44.0.1, mac: "52:54:00:44:00:01"}}
+""")
+    secrets = tmp_path / "secrets"
+    r, _ = cli("fleet", "build", str(site), "-o", str(OUT), "--secrets", str(secrets))
+    assert r.returncode == 0, r.stderr
+    seed = OUT / "tiny" / "seeds" / "gw.img"
+    assert seed.is_file() and (seed.stat().st_mode & 0o777) == 0o600
+    assert "up to date" in r.stderr  # the router image is built once per run, here reused
+    ca = (secrets / "tiny" / "ca.crt").read_bytes()
+    for p in (secrets / "tiny").rglob("*"):
+        assert (p.stat().st_mode & 0o777) == (0o700 if p.is_dir() else 0o600), p
+    r, _ = cli("fleet", "build", str(site), "-o", str(OUT), "--secrets", str(secrets))
+    assert r.returncode == 0 and (secrets / "tiny" / "ca.crt").read_bytes() == ca  # generated once
+    assert "PRIVATE KEY" not in r.stderr + r.stdout
+
+
+def test_fleet_build_rejects_k3s_without_artifacts(tmp_path, test_key):
+    site = tmp_path / "k.yaml"
+    site.write_text(f"""\
+site: k
+domain: k.lan
+lan: 10.44.0.0/24
+admin_ssh_keys: ["{test_key.with_suffix('.pub').read_text().strip()}"]
+cluster: {{engine: k3s}}
+nodes:
+  - {{name: gw, role: router, address: 10.44.0.1, mac: "52:54:00:44:00:01"}}
+""")
+    r, seconds = cli("fleet", "build", str(site), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "engine k3s needs cluster.k3s" in r.stderr and "k.yaml:5" in r.stderr
+    assert seconds < 5 and not (tmp_path / "out").exists()

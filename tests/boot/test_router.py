@@ -181,6 +181,15 @@ def test_dhcp_lease_and_dns_on_lan(router_a, lan):
     assert "10.44.0.1" in ns.split("Name:")[-1], ns
 
 
+def test_dhcp_reservation_and_name_for_site_node(router_a, lan):
+    client = lan.add_client(lan.name + "-nas", mac="52:54:00:c1:00:02")
+    r = run(["ip", "netns", "exec", lan.name + "-nas", "busybox", "udhcpc", "-i", client, "-n", "-q", "-f",
+             "-t", "8", "-T", "3", "-s", "/bin/true"], capture=True, timeout=90)
+    assert "lease of 10.44.0.20 obtained" in r.stdout + r.stderr, r.stdout + r.stderr
+    ns = run(["ip", "netns", "exec", lan.name, "busybox", "nslookup", "nas.lan", "10.44.0.1"], capture=True).stdout
+    assert "10.44.0.20" in ns.split("Name:")[-1], ns
+
+
 def test_lan_address_and_wan_dhcp(router_a):
     host = router_a.host()
     assert "10.44.0.1/24" in host.check_output("ip -br addr show lan")

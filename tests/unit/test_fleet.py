@@ -1,0 +1,77 @@
+"""Tier 1: per-site secrets and per-node seeds (builder/fleet.py)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+
+from builder.fleet import SiteSecrets, node_network, write_node_seed
+from builder.seed import read_cidata
+from builder.site import load_site
+
+from test_site import GOOD, ROLES  # tests/unit is on sys.path (pytest prepend import mode)
+
+HAVE_FAT = all(shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin") for t in ("mkfs.vfat", "mcopy", "mdir"))
+
+
+@pytest.fixture
+def site(tmp_path):
+    p = tmp_path / "site.yaml"
+    p.write_text(GOOD)
+    return load_site(p, known_roles=ROLES)
+
+
+def modes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
+
+
+def test_site_secrets_made_once_0600(site, tmp_path):
+    s = SiteSecrets(tmp_path / "secrets" / site.name)
+    ca = s.ca()
+    key, cert = s.node_tls(site, site.node("ctl"))
+    admin = s.secret("ldap-admin")
+    assert SiteSecrets(s.root).ca() == ca  # reused on the next run
+    assert SiteSecrets(s.root).node_tls(site, site.node("ctl")) == (key, cert)
+    assert SiteSecrets(s.root).secret("ldap-admin") == admin
+    for rel, mode in modes(s.root).items():
+        assert mode == (0o700 if (s.root / rel).is_dir() else 0o600), rel
+    c = x509.load_pem_x509_certificate(cert)
+    san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"ctl", "ctl.office.lan"}
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.44.0.10"]
+
+
+def test_node_network_by_mac_with_static_address(site):
+    net = node_network(site, site.node("ws1"))["ethernets"]["lan"]
+    assert net["match"] == {"macaddress": "52:54:00:44:00:1f"} and net["set-name"] == "lan"
+    assert net["addresses"] == ["10.44.0.31/24"]
+    assert net["gateway4"] == "10.44.0.1" and net["nameservers"]["addresses"] == ["10.44.0.1"]
+    gw = node_network(site, site.node("gw"))["ethernets"]["lan"]
+    assert gw["addresses"] == ["10.44.0.1/24"] and "gateway4" not in gw
+
+
+@pytest.mark.skipif(not HAVE_FAT, reason="dosfstools/mtools not installed")
+def test_node_seed_files(site, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    secrets = SiteSecrets(tmp_path / "secrets" / site.name)
+    path = write_node_seed(site, site.node("gw"), secrets, tmp_path / "seeds")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    files = read_cidata(path)
+    assert yaml.safe_load(files["meta-data"])["local-hostname"] == "gw"
+    user = yaml.safe_load(files["user-data"])
+    assert files["user-data"].startswith("#cloud-config\n")
+    block = user["sohocloud"]
+    assert block["site"] == "example" and block["role"] == "router"
+    hosts = {h["name"]: (h["mac"], h["address"]) for h in block["router"]["hosts"]}
+    assert hosts["nas"] == ("52:54:00:44:00:14", "10.44.0.20") and len(hosts) == 5
+    assert "BEGIN CERTIFICATE" in block["ca_cert"] and "PRIVATE KEY" in block["tls"]["key"]
+    # the key in the seed is the node's own, from secrets/
+    assert block["tls"]["key"].encode() == (secrets.root / "nodes" / "gw.key").read_bytes()
+    # nothing secret was logged on the way
+    assert "PRIVATE KEY" not in caplog.text
