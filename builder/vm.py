@@ -183,8 +183,7 @@ def user_lan(lan: ipaddress.IPv4Interface | None, ssh_port: int | None) -> Nic:
     if lan is None:  # DHCP on the LAN: user-net's own DHCP hands out 10.0.2.15
         fwd = (f"tcp:127.0.0.1:{ssh_port}-:22",) if ssh_port else ()
         return Nic("user", hostfwd=fwd)
-    hosts = [h for h in lan.network.hosts() if h != lan.ip]
-    gw = hosts[0]
+    gw = next(h for h in lan.network.hosts() if h != lan.ip)  # user-net's own address on that LAN
     fwd = (f"tcp:127.0.0.1:{ssh_port}-{lan.ip}:22",) if ssh_port else ()
     return Nic("user", net=str(lan.network), host=str(gw), hostfwd=fwd)
 
