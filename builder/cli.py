@@ -116,6 +116,44 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_site(site_arg: str):
+    from .s1_resolve import Repo
+    from .site import load_site, site_path
+
+    repo = Repo(repo_root())
+    return repo, load_site(site_path(repo.root, site_arg), known_roles=repo.roles(), repo_root=repo.root)
+
+
+def cmd_fleet_up(args: argparse.Namespace) -> int:
+    from .fleet_run import check_root, fleet_up
+
+    repo, site = _load_site(args.site)
+    check_root()
+    times = fleet_up(site, repo, Path(args.output), memory=args.memory)
+    for name, seconds in times.items():
+        print(f"{name}\tup (SSH after {seconds:.1f} s)")
+    return 0
+
+
+def cmd_fleet_down(args: argparse.Namespace) -> int:
+    from .fleet_run import check_root, fleet_down
+
+    _repo, site = _load_site(args.site)
+    check_root()
+    stopped = fleet_down(site, Path(args.output))
+    print(f"{site.name}: stopped {', '.join(stopped) or 'nothing'}")
+    return 0
+
+
+def cmd_fleet_ssh(args: argparse.Namespace) -> int:
+    from .fleet_run import fleet_ssh_argv
+
+    _repo, site = _load_site(args.site)
+    argv = fleet_ssh_argv(site, Path(args.output), args.node, args.after_dashes, args.identity)
+    os.execvp(argv[0], argv)
+    return 127  # not reached
+
+
 def _check_host_tools(tools: list[str]) -> None:
     import shutil
 
@@ -168,11 +206,33 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
     s.add_argument("--secrets", default="secrets", help="where site secrets live (default: secrets/)")
     s.set_defaults(func=cmd_fleet_build)
+    s = fsub.add_parser("up", help="boot the site on a private virtual LAN (router first)")
+    s.add_argument("site")
+    s.add_argument("-o", "--output", default="out")
+    s.add_argument("--memory", type=int, default=1024, help="MiB per node")
+    s.set_defaults(func=cmd_fleet_up)
+    s = fsub.add_parser("ssh", help="SSH to a node as admin: fleet ssh SITE NODE [-- CMD]")
+    s.add_argument("site")
+    s.add_argument("node")
+    s.add_argument("-o", "--output", default="out")
+    s.add_argument("-i", "--identity", help="private key file (default: ssh's own choice, e.g. the agent)")
+    s.set_defaults(func=cmd_fleet_ssh)
+    s = fsub.add_parser("down", help="stop the site's nodes (their disks stay)")
+    s.add_argument("site")
+    s.add_argument("-o", "--output", default="out")
+    s.set_defaults(func=cmd_fleet_down)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` is a command for a node (fleet ssh), not ours to parse.
+    after: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, after = argv[:i], argv[i + 1:]
     args = parser().parse_args(argv)
+    args.after_dashes = after
     setup_logging(args.verbose)
     try:
         return args.func(args)

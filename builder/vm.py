@@ -235,8 +235,10 @@ class VM:
             self.serial_log.unlink(missing_ok=True)  # a stale log must not look like this boot's console
         log.info("boot: %s", shlex.join(argv))
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        # QEMU's own messages go to a file, not a pipe: a fleet's VMs outlive the command that started them.
+        with open(self.workdir / "qemu.log", "wb") as qlog:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,190 @@
+"""`sohocloud fleet up|ssh|down`: boot a site's nodes on a private virtual LAN.
+
+The LAN is a bridge inside the site's own network namespace (never the
+host's); every node gets a tap on it with the MAC from the site file, the
+router's WAN is QEMU user-net (restricted: nothing leaves the host). The
+router boots first, the others in parallel once it answers. Node disks are
+overlays kept in out/<site>/run/, so `down` then `up` is a reboot, not a reinstall.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SohoError
+from .netlab import Netns
+from .pipeline import artefact_path
+from .proc import run
+from .s1_resolve import Repo, resolve
+from .site import Site, SiteNode
+from .vm import VM, Nic, image_info, wait_ssh_banner
+
+log = logging.getLogger("sohocloud.fleet")
+
+BOOT_TIMEOUT = float(os.environ.get("SOHOCLOUD_BOOT_TIMEOUT", "300"))
+
+
+@dataclass(frozen=True)
+class FleetPaths:
+    out: Path
+    site: str
+
+    @property
+    def run(self) -> Path:
+        return self.out / self.site / "run"
+
+    @property
+    def state(self) -> Path:
+        return self.run / "state.json"
+
+    def seed(self, node: str) -> Path:
+        return self.out / self.site / "seeds" / f"{node}.img"
+
+
+def netns_name(site: Site) -> str:
+    return f"sc-{site.name}"
+
+
+def seat_address(site: Site) -> str:
+    """The host's own address on the site LAN (inside the namespace): the last host address."""
+    net = site.network
+    return f"{net.broadcast_address - 1}/{net.prefixlen}"
+
+
+def node_nics(interfaces: list[str], node: SiteNode) -> list[Nic]:
+    """The node's NICs in its role's order: the LAN on the bridge (site MAC), anything else user-net."""
+    tap = f"t-{node.name}"[:15]
+    return [Nic("tap", ifname=tap, mac=node.mac) if name == "lan" else Nic("user") for name in interfaces]
+
+
+def _read_state(paths: FleetPaths) -> dict | None:
+    return json.loads(paths.state.read_text()) if paths.state.is_file() else None
+
+
+def _alive(pid: int) -> bool:
+    """Our QEMU still runs as *pid* (not merely some process that reused the number)."""
+    if pid <= 0:
+        return False
+    try:
+        return b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[str, float]:
+    """Boot every node; returns seconds to SSH per node. Needs `fleet build` first."""
+    paths = FleetPaths(out, site.name)
+    state = _read_state(paths)
+    if state and any(_alive(n["pid"]) for n in state["nodes"].values()):
+        raise SohoError(f"site {site.name} is already up (sohocloud fleet down {site.name})")
+    images = {}
+    for node in site.nodes:
+        image = artefact_path(resolve(repo, node.role, target=node.target, arch=node.arch), out)
+        if not image.is_file() or not paths.seed(node.name).is_file():
+            raise SohoError(f"node {node.name}: no image or seed in {out} (run: sohocloud fleet build {site.name})")
+        images[node.name] = image
+    paths.run.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ns = Netns(netns_name(site))
+    subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)  # a stale one from a crash
+    ns.create()
+    ns.ip("addr", "add", seat_address(site), "dev", ns.bridge)
+    vms: dict[str, VM] = {}
+    state = {"netns": ns.name, "nodes": {}}
+    try:
+        for node in site.nodes:
+            interfaces = image_info(images[node.name])["interfaces"]
+            nics = node_nics(interfaces, node)
+            for nic in nics:
+                if nic.kind == "tap":
+                    ns.add_tap(nic.ifname)
+            disk = paths.run / f"{node.name}.qcow2"
+            # A node keeps its disk across down/up; a rebuilt image is a re-install.
+            built = image_info(images[node.name])["inputs_hash"]
+            stamp = paths.run / f"{node.name}.image"
+            if disk.exists() and (not stamp.is_file() or stamp.read_text() != built):
+                log.info("fleet %s: %s was re-imaged: fresh root disk", site.name, node.name)
+                disk.unlink()
+            stamp.write_text(built)
+            vms[node.name] = VM(images[node.name], nics, seed=paths.seed(node.name), netns=ns.name, memory=memory,
+                                serial_log=paths.run / f"{node.name}.console.log", disk=disk,
+                                workdir=paths.run / f"{node.name}.vm")
+            vms[node.name].workdir.mkdir(exist_ok=True)
+        times: dict[str, float] = {}
+
+        def boot(node: SiteNode) -> None:
+            vm = vms[node.name]
+            vm.start()
+            state["nodes"][node.name] = {"pid": vm.proc.pid, "address": node.address}
+            _write_state(paths, state)
+            times[node.name] = wait_ssh_banner(node.address, 22, BOOT_TIMEOUT, netns=ns.name, alive=vm.alive)
+            log.info("fleet %s: %s (%s) answers SSH after %.1f s", site.name, node.name, node.role,
+                     times[node.name])
+
+        routers = site.nodes_with_role("router")
+        for node in routers:  # the router first: DHCP, DNS and the way out for everyone else
+            boot(node)
+        others = [n for n in site.nodes if n.role != "router"]
+        with ThreadPoolExecutor(max(1, len(others))) as pool:
+            for f in [pool.submit(boot, n) for n in others]:
+                f.result()
+        return times
+    except BaseException:
+        for vm in vms.values():
+            vm.stop()
+        ns.delete()
+        paths.state.unlink(missing_ok=True)
+        raise
+
+
+def _write_state(paths: FleetPaths, state: dict) -> None:
+    tmp = paths.state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, paths.state)
+
+
+def fleet_down(site: Site, out: Path) -> list[str]:
+    """Stop every node of the site and remove its namespace (disks stay)."""
+    paths = FleetPaths(out, site.name)
+    state = _read_state(paths) or {"netns": netns_name(site), "nodes": {}}
+    stopped = []
+    for name, n in state["nodes"].items():
+        pid = n["pid"]
+        if _alive(pid):
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not _alive(pid):
+                    break
+                time.sleep(0.1)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+            stopped.append(name)
+    subprocess.run(["ip", "netns", "del", state["netns"]], capture_output=True)
+    paths.state.unlink(missing_ok=True)
+    return stopped
+
+
+def fleet_ssh_argv(site: Site, out: Path, node_name: str, command: list[str], identity: str | None) -> list[str]:
+    paths = FleetPaths(out, site.name)
+    state = _read_state(paths)
+    node = site.node(node_name)
+    if not state or not _alive(state["nodes"].get(node_name, {}).get("pid", -1)):
+        raise SohoError(f"node {node_name} of site {site.name} is not up (sohocloud fleet up {site.name})")
+    argv = ["ip", "netns", "exec", state["netns"], "ssh", "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"UserKnownHostsFile={paths.run / 'known_hosts'}", "-o", "LogLevel=ERROR"]
+    if identity:
+        argv += ["-i", identity, "-o", "IdentitiesOnly=yes"]
+    return argv + [f"admin@{node.address}", *command]
+
+
+def check_root() -> None:
+    if os.geteuid() != 0:
+        raise SohoError("fleet up/down need root (network namespaces and tap devices)")
+    run(["ip", "netns", "list"])
