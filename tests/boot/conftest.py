@@ -211,6 +211,19 @@ def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str,
                         ignore=shutil.ignore_patterns("*.qcow2", "*.img", "*.fd", "vmlinuz", "initrd.img", "id"))
 
 
+def write_router_site(path: Path, name: str, key_pub: Path, *, net: str = "10.44.0", extra: str = "") -> Path:
+    """A one-node site (its router) for the fleet commands; *extra* lines go before `nodes:`."""
+    path.write_text(f"""\
+site: {name}
+domain: {name}.lan
+lan: {net}.0/24
+admin_ssh_keys: ["{key_pub.read_text().strip()}"]
+{extra}nodes:
+  - {{name: gw, role: router, address: {net}.1, mac: "52:54:00:{net.split('.')[1]}:00:01"}}
+""")
+    return path
+
+
 def _wait_login(node: Node, timeout: float = 120) -> None:
     """SSH answers; wait until the admin key logs in and the boot has settled."""
     t0 = time.monotonic()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.cache import StageCache
+from conftest import write_router_site  # tests/boot is on sys.path (pytest prepend import mode)
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
@@ -82,15 +83,7 @@ def test_interrupted_build_leaves_nothing_behind(router_image, tmp_path):
 
 
 def test_fleet_build_secrets_once_and_seeds(router_image, tmp_path, test_key):
-    site = tmp_path / "tiny.yaml"
-    site.write_text(f"""\
-site: tiny
-domain: tiny.lan
-lan: 10.44.0.0/24
-admin_ssh_keys: ["{test_key.with_suffix('.pub').read_text().strip()}"]
-nodes:
-  - {{name: gw, role: router, address: 10.44.0.1, mac: "52:54:00:44:00:01"}}
-""")
+    site = write_router_site(tmp_path / "tiny.yaml", "tiny", test_key.with_suffix(".pub"))
     secrets = tmp_path / "secrets"
     r, _ = cli("fleet", "build", str(site), "-o", str(OUT), "--secrets", str(secrets))
     assert r.returncode == 0, r.stderr
@@ -106,16 +99,8 @@ nodes:
 
 
 def test_fleet_build_rejects_k3s_without_artifacts(tmp_path, test_key):
-    site = tmp_path / "k.yaml"
-    site.write_text(f"""\
-site: k
-domain: k.lan
-lan: 10.44.0.0/24
-admin_ssh_keys: ["{test_key.with_suffix('.pub').read_text().strip()}"]
-cluster: {{engine: k3s}}
-nodes:
-  - {{name: gw, role: router, address: 10.44.0.1, mac: "52:54:00:44:00:01"}}
-""")
+    site = write_router_site(tmp_path / "k.yaml", "k", test_key.with_suffix(".pub"),
+                             extra="cluster: {engine: k3s}\n")
     r, seconds = cli("fleet", "build", str(site), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "engine k3s needs cluster.k3s" in r.stderr and "k.yaml:5" in r.stderr
     assert seconds < 5 and not (tmp_path / "out").exists()

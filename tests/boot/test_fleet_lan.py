@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_router_site  # tests/boot is on sys.path (pytest prepend import mode)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.boot
@@ -31,15 +32,7 @@ def netns_exists(name: str) -> bool:
 @pytest.fixture(scope="module")
 def tiny_site(router_image, test_key, tmp_path_factory):
     d = tmp_path_factory.mktemp("fleet")
-    site = d / "fleettest.yaml"
-    site.write_text(f"""\
-site: fleettest
-domain: ft.lan
-lan: 10.46.0.0/24
-admin_ssh_keys: ["{test_key.with_suffix('.pub').read_text().strip()}"]
-nodes:
-  - {{name: gw, role: router, address: 10.46.0.1, mac: "52:54:00:46:00:01"}}
-""")
+    site = write_router_site(d / "fleettest.yaml", "fleettest", test_key.with_suffix(".pub"), net="10.46.0")
     out = d / "out"
     out.mkdir()
     # the image built by this run, reused (each image is built once per run)
