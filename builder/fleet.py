@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import SohoError
 from .secrets import ensure_secret, issue_cert, make_ca, random_secret, wireguard_keypair, wireguard_public
 from .seed import render_seed, write_cidata
 from .site import Site, SiteNode
@@ -25,7 +26,10 @@ class SiteSecrets:
 
     def ca(self) -> tuple[bytes, bytes]:
         key_path, cert_path = self.root / "ca.key", self.root / "ca.crt"
-        if not (key_path.is_file() and cert_path.is_file()):
+        if key_path.is_file() != cert_path.is_file():
+            raise SohoError(f"{self.root}: ca.key and ca.crt must both exist or both be absent: restore the "
+                            "missing one (every node certificate depends on this CA), or remove both for a new CA")
+        if not key_path.is_file():
             key, cert = make_ca(f"sohocloud {self.root.name} site CA")
             ensure_secret(key_path, lambda: key)
             ensure_secret(cert_path, lambda: cert)
@@ -36,6 +40,9 @@ class SiteSecrets:
         d = self.root / "nodes"
         key_path, cert_path = d / f"{node.name}.key", d / f"{node.name}.crt"
         if not (key_path.is_file() and cert_path.is_file()):
+            # A lone key or certificate is useless: issue a fresh pair.
+            key_path.unlink(missing_ok=True)
+            cert_path.unlink(missing_ok=True)
             ca_key, ca_cert = self.ca()
             key, cert = issue_cert(ca_key, ca_cert, node.name, dns=[node.name, f"{node.name}.{site.domain}"],
                                    ips=[node.address])

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from .errors import SohoError
 from .netlab import Netns
 from .pipeline import artefact_path
+from .s6_manifest import recorded_sha256
 from .proc import run
 from .s1_resolve import Repo, resolve
 from .site import Site, SiteNode
@@ -107,11 +109,15 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[s
                     ns.add_tap(nic.ifname)
             disk = paths.run / f"{node.name}.qcow2"
             # A node keeps its disk across down/up; a rebuilt image is a re-install.
-            built = image_info(images[node.name])["inputs_hash"]
+            # The overlay is only valid on the very bytes it was made on (builds are not
+            # byte-reproducible yet): stamp it with the image's sha256.
+            built = recorded_sha256(out, images[node.name]) or ""
             stamp = paths.run / f"{node.name}.image"
             if disk.exists() and (not stamp.is_file() or stamp.read_text() != built):
                 log.info("fleet %s: %s was re-imaged: fresh root disk", site.name, node.name)
                 disk.unlink()
+                subprocess.run(["ssh-keygen", "-R", node.address, "-f", str(paths.run / "known_hosts")],
+                               capture_output=True)  # it will have new host keys
             stamp.write_text(built)
             vms[node.name] = VM(images[node.name], nics, seed=paths.seed(node.name), netns=ns.name, memory=memory,
                                 serial_log=paths.run / f"{node.name}.console.log", disk=disk,
@@ -119,11 +125,14 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[s
             vms[node.name].workdir.mkdir(exist_ok=True)
         times: dict[str, float] = {}
 
+        lock = threading.Lock()
+
         def boot(node: SiteNode) -> None:
             vm = vms[node.name]
             vm.start()
-            state["nodes"][node.name] = {"pid": vm.proc.pid, "address": node.address}
-            _write_state(paths, state)
+            with lock:  # boots run in threads; one writer of the state file at a time
+                state["nodes"][node.name] = {"pid": vm.proc.pid, "address": node.address}
+                _write_state(paths, state)
             times[node.name] = wait_ssh_banner(node.address, 22, BOOT_TIMEOUT, netns=ns.name, alive=vm.alive)
             log.info("fleet %s: %s (%s) answers SSH after %.1f s", site.name, node.name, node.role,
                      times[node.name])
@@ -158,13 +167,16 @@ def fleet_down(site: Site, out: Path) -> list[str]:
     for name, n in state["nodes"].items():
         pid = n["pid"]
         if _alive(pid):
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(100):
-                if not _alive(pid):
-                    break
-                time.sleep(0.1)
-            else:
-                os.killpg(pid, signal.SIGKILL)
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                for _ in range(100):
+                    if not _alive(pid):
+                        break
+                    time.sleep(0.1)
+                else:
+                    os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it exited between the check and the signal
             stopped.append(name)
     subprocess.run(["ip", "netns", "del", state["netns"]], capture_output=True)
     paths.state.unlink(missing_ok=True)

@@ -47,6 +47,10 @@ def build_inputs(cfg: BuildConfig) -> dict[str, str]:
     inputs["assemble"] = digest([repr(cfg.target), Path(__file__).with_name("s5_assemble.py").read_text(),
                                  Path(__file__).with_name("s4_initrd.py").read_text()])
     inputs["builder"] = __version__
+    here = Path(__file__).parent
+    inputs["builder-code"] = digest({p.name: p.read_text() for p in sorted(here.glob("*.py")) if p.name != "cli.py"}
+                                    | {"initrd-init.sh": INIT_SCRIPT.read_text(),
+                                       "SOURCE_DATE_EPOCH": source_date_epoch()})
     return inputs
 
 

@@ -43,10 +43,21 @@ def module_dpkg_patterns(module_paths: tuple[str, ...]) -> list[str]:
     return opts
 
 
+def apt_sources(d) -> list[str]:
+    """The image's apt sources: the suite, its -updates and -security (one-line format)."""
+    comps = " ".join(d.components)
+    lines = [f"deb {d.mirror} {d.suite} {comps}"]
+    if d.updates:
+        lines.append(f"deb {d.mirror} {d.suite}-updates {comps}")
+    if d.security_mirror:
+        lines.append(f"deb {d.security_mirror} {d.suite}-security {comps}")
+    return lines
+
+
 def rootfs_inputs(cfg: BuildConfig) -> dict[str, str]:
     d = cfg.profile.distro
     return {
-        "distro": digest([d.name, d.suite, d.mirror, list(d.components), d.variant]),
+        "distro": digest([d.name, d.suite, d.mirror, list(d.components), d.variant, apt_sources(d)]),
         "arch": cfg.arch,
         "packages": digest(sorted(cfg.all_packages())),
         "dpkg-filters": digest([cfg.profile.dpkg_exclude, cfg.profile.dpkg_include]),
@@ -96,12 +107,13 @@ def _mmdebstrap(cfg: BuildConfig, cache: StageCache, out: Path, *, variant: str,
         *extra,
         d.suite,
         str(out),
-        d.mirror,
+        *apt_sources(d),
     ]
     env = {"INITRD": "No", "TMPDIR": str(cache.tmp), "SOURCE_DATE_EPOCH": source_date_epoch()}
     # One mmdebstrap per package cache at a time: apt's lists are shared.
     with locked(pkg_cache / ".lock"):
-        fresh = lists_are_fresh(pkg_cache / "lists")
+        suites = [line.split()[2] for line in apt_sources(d)]
+        fresh = lists_are_fresh(pkg_cache / "lists", suites)
         if fresh:
             cmd.insert(1, "--skip=update")
         run(cmd, env=env, timeout=3600)
@@ -112,12 +124,14 @@ def _mmdebstrap(cfg: BuildConfig, cache: StageCache, out: Path, *, variant: str,
 STAMP = ".sohocloud-updated"
 
 
-def lists_are_fresh(lists: Path) -> bool:
-    """apt lists fetched less than SOHOCLOUD_APT_MAX_AGE hours ago (default 24) are reused
-    without `apt-get update`: a rebuild then touches no network at all."""
+def lists_are_fresh(lists: Path, suites: list[str]) -> bool:
+    """apt lists fetched less than SOHOCLOUD_APT_MAX_AGE hours ago (default 24), for every
+    suite of the sources, are reused without `apt-get update`: a rebuild then touches no network."""
     stamp = lists / STAMP
     max_age = float(os.environ.get("SOHOCLOUD_APT_MAX_AGE", "24")) * 3600
     if not stamp.is_file() or not any(lists.glob("*_Packages*")):
+        return False
+    if not all(any(lists.glob(f"*_dists_{suite}_InRelease")) for suite in suites):
         return False
     return time.time() - stamp.stat().st_mtime < max_age
 
@@ -147,7 +161,7 @@ def build_rootfs(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True)
 def build_bootfiles(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True) -> StageResult:
     """Boot-time blobs (UEFI loader, static busybox) extracted, never installed or emulated."""
     inputs = {
-        "distro": digest([cfg.profile.distro.suite, cfg.profile.distro.mirror]),
+        "distro": digest(apt_sources(cfg.profile.distro)),
         "arch": cfg.arch,
         "packages": digest(sorted(cfg.arch_spec.boot_packages)),
         "backend": _code_hash(),

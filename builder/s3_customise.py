@@ -294,6 +294,15 @@ def remove_machine_identity(root: Path) -> None:
         mid.unlink()
     mid.write_text("uninitialized\n")  # systemd: first boot, create one
     os.chmod(mid, 0o444)
+    # The build host's name and resolver must not leak into nodes: firstboot names
+    # the node, DHCP/seeds give it DNS.
+    for rel, content in (("etc/hostname", "sohocloud\n"),
+                         ("etc/resolv.conf", "# DNS servers come from the seed or DHCP on this node.\n")):
+        p = root / rel
+        if p.is_symlink() or p.exists():
+            p.unlink()
+        p.write_text(content)
+        os.chmod(p, 0o644)
     for rel in ("var/lib/dbus/machine-id", "var/lib/systemd/random-seed"):
         p = root / rel
         if p.exists() and not p.is_symlink():
@@ -382,6 +391,21 @@ def network_units(cfg: BuildConfig) -> dict[str, str]:
 # --------------------------------------------------------------------------- services
 
 
+def write_preset(root: Path, services) -> None:
+    """A preset that enables exactly the role's services and nothing else.
+
+    With machine-id 'uninitialized', systemd applies presets on first boot;
+    Debian ships no 'disable *', so without this every installed unit (ssh.service
+    on all interfaces, say) could be switched on at first boot.
+    """
+    d = root / "usr/lib/systemd/system-preset"
+    d.mkdir(parents=True, exist_ok=True)
+    lines = ["# sohocloud: the role's services; everything else stays as built."]
+    lines += [f"enable {u}" for u in services.enable]
+    lines += [f"disable {u}" for u in services.disable] + ["disable *"]
+    (d / "00-sohocloud.preset").write_text("\n".join(lines) + "\n")
+
+
 def set_services(root: Path, services) -> None:
     """enable/disable/mask with the host's systemctl on the offline tree."""
     for verb, units in (("disable", services.disable), ("enable", services.enable), ("mask", services.mask)):
@@ -442,6 +466,7 @@ def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[st
     )
     apply_edits(root, p.edits)
     set_services(root, p.services)
+    write_preset(root, p.services)
     locked = lock_passwords(root)
     if locked:
         log.info("customise: locked password field of %s", ", ".join(locked))

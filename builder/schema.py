@@ -31,6 +31,9 @@ class Distro:
     mirror: str
     components: tuple[str, ...] = ("main",)
     variant: Literal["apt", "essential", "minbase"] = "apt"
+    # Security fixes and stable updates are part of every image.
+    security_mirror: str = "http://deb.debian.org/debian-security"
+    updates: bool = True
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,9 @@ def _check(site: Site, v: Validator, known_roles: list[str], base: Path) -> None
             v.fail(where + ("address",), f"expected an IPv4 address, got {node.address!r}")
         if addr not in net or addr in (net.network_address, net.broadcast_address):
             v.fail(where + ("address",), f"{addr} is not a host address of the site LAN {net}")
+        if addr == net.broadcast_address - 1:
+            v.fail(where + ("address",), f"{addr} is reserved: the LAN's last address is the host's seat on a "
+                   "test LAN (fleet up)")
         for key in ("name", "mac", "address"):
             value = getattr(node, key)
             if value in seen[key]:

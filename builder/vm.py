@@ -137,7 +137,7 @@ def extract_boot_files(image: Path, manifest: dict, dest: Path) -> BootFiles:
     run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={mib}", f"skip={esp['start'] // mib}",
          f"count={esp['size'] // mib}", f"if={image}", f"of={raw}"])
     entry_dir = dest / "entries"
-    entry_dir.mkdir()
+    entry_dir.mkdir(exist_ok=True)
     env = {"MTOOLS_SKIP_CHECK": "1"}
     run(["mcopy", "-i", raw, "-n", "::/loader/entries/sohocloud.conf", entry_dir / "sohocloud.conf"], env=env)
     entry = parse_bls_entry((entry_dir / "sohocloud.conf").read_text())

@@ -73,3 +73,11 @@ def test_fleet_up_ssh_down(tiny_site, test_key):
     r = cli("fleet", "ssh", str(site), "gw", "-o", str(out), "--", "true")
     assert r.returncode == 2 and "not up" in r.stderr
     assert (out / "fleettest/run/gw.qcow2").is_file()  # the node's disk stays for the next `up`
+    # up again: a reboot of the same disk (firstboot already done, same host key)
+    r = cli("fleet", "up", str(site), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    r = cli("fleet", "ssh", str(site), "gw", "-o", str(out), "-i", str(test_key), "--",
+            "hostname; sudo -n journalctl -b -u sohocloud-firstboot --no-pager | grep -c 'already done'")
+    assert r.returncode == 0, r.stderr  # known_hosts from the first boot still matches
+    assert r.stdout.split() == ["gw", "1"], r.stdout
+    assert cli("fleet", "down", str(site), "-o", str(out)).returncode == 0
