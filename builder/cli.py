@@ -97,7 +97,8 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
     from .site import load_site, site_path
 
     repo = Repo(repo_root())
-    site = load_site(site_path(repo.root, args.site), known_roles=repo.roles(), repo_root=repo.root)
+    site = load_site(site_path(repo.root, args.site), known_roles=repo.roles(),
+                     gateway_roles=repo.gateway_roles(), repo_root=repo.root)
     # Resolve every image the site needs before any long work: a bad role or
     # target fails now, not after the first build.
     cfgs = [resolve(repo, role, target=target, arch=arch) for role, arch, target in site.builds()]
@@ -121,7 +122,8 @@ def _load_site(site_arg: str):
     from .site import load_site, site_path
 
     repo = Repo(repo_root())
-    return repo, load_site(site_path(repo.root, site_arg), known_roles=repo.roles(), repo_root=repo.root)
+    return repo, load_site(site_path(repo.root, site_arg), known_roles=repo.roles(),
+                     gateway_roles=repo.gateway_roles(), repo_root=repo.root)
 
 
 def cmd_fleet_up(args: argparse.Namespace) -> int:

@@ -60,14 +60,14 @@ class SiteSecrets:
 
 
 def node_network(site: Site, node: SiteNode) -> dict[str, Any]:
-    """network-config v2: the node's LAN NIC by MAC, static address; router and DNS via the router."""
+    """network-config v2: the node's LAN NIC by MAC, static address; route and DNS via the gateway."""
     net = site.network
-    router = site.nodes_with_role("router")[0]
+    gateway = site.node(site.gateway)
     lan: dict[str, Any] = {"match": {"macaddress": node.mac}, "set-name": "lan",
                            "addresses": [f"{node.address}/{net.prefixlen}"]}
-    if node.role != "router":
-        lan["gateway4"] = router.address
-        lan["nameservers"] = {"addresses": [router.address], "search": [site.domain]}
+    if node.name != site.gateway:
+        lan["gateway4"] = gateway.address
+        lan["nameservers"] = {"addresses": [gateway.address], "search": [site.domain]}
     return {"version": 2, "ethernets": {"lan": lan}}
 
 
@@ -82,7 +82,8 @@ def node_settings(site: Site, node: SiteNode, secrets: SiteSecrets) -> dict[str,
         "ca_cert": ca_cert.decode(),
         "tls": {"cert": tls_cert.decode(), "key": tls_key.decode()},
     }
-    if node.role == "router":
+    if node.name == site.gateway:
+        # The gateway role's hook reads its LAN settings from `router:` (see README).
         block["router"] = {
             "domain": site.domain,
             "hosts": [{"name": n.name, "mac": n.mac, "address": n.address} for n in site.nodes],

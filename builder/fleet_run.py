@@ -137,10 +137,9 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[s
             log.info("fleet %s: %s (%s) answers SSH after %.1f s", site.name, node.name, node.role,
                      times[node.name])
 
-        routers = site.nodes_with_role("router")
-        for node in routers:  # the router first: DHCP, DNS and the way out for everyone else
-            boot(node)
-        others = [n for n in site.nodes if n.role != "router"]
+        # The gateway first: DHCP, DNS and the way out for everyone else.
+        boot(site.node(site.gateway))
+        others = [n for n in site.nodes if n.name != site.gateway]
         with ThreadPoolExecutor(max(1, len(others))) as pool:
             for f in [pool.submit(boot, n) for n in others]:
                 f.result()

@@ -53,6 +53,10 @@ class Repo:
                 out.append(p.stem)
         return out
 
+    def gateway_roles(self) -> list[str]:
+        """Roles marked `gateway: true` (a site has exactly one node of such a role)."""
+        return [r for r in self.roles() if load_profile(self, r).gateway]
+
     def targets(self) -> list[str]:
         return sorted(p.stem for p in self.images.glob("*.yaml"))
 

@@ -112,6 +112,9 @@ class Profile:
     description: str
     distro: Distro
     abstract: bool = False
+    # The site's gateway role: DHCP/DNS for the LAN and the way out; a site has
+    # exactly one such node, its seed lists every node, and it boots first.
+    gateway: bool = False
     packages: tuple[str, ...] = ()
     dpkg_exclude: tuple[str, ...] = ()
     dpkg_include: tuple[str, ...] = ()

@@ -6,6 +6,7 @@ built; the result is one frozen Site object.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class Site:
     cluster: Cluster = Cluster()
     groups: tuple[LdapGroup, ...] = ()
     users: tuple[LdapUser, ...] = ()
+    gateway: str = ""  # name of the node whose role is the gateway (set by load_site, not in YAML)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -97,7 +99,8 @@ def site_path(repo_root: Path, site: str) -> Path:
     return repo_root / "sites" / f"{site}.yaml"
 
 
-def load_site(path: Path, *, known_roles: list[str], repo_root: Path | None = None) -> Site:
+def load_site(path: Path, *, known_roles: list[str], gateway_roles: list[str],
+              repo_root: Path | None = None) -> Site:
     if not path.is_file():
         raise ConfigError(f"{path}: no such site file")
     doc = load_yaml(path)
@@ -107,12 +110,15 @@ def load_site(path: Path, *, known_roles: list[str], repo_root: Path | None = No
         data["name"] = data.pop("site")
         if ("site",) in doc.origins:
             doc.origins[("name",)] = doc.origins[("site",)]
+    if "gateway" in data:
+        v.fail(("gateway",), "unknown key 'gateway' (the gateway is the node whose role is one)")
     site = v.build_dataclass(Site, data, ())
-    _check(site, v, known_roles, path.parent if repo_root is None else repo_root)
-    return site
+    _check(site, v, known_roles, gateway_roles, path.parent if repo_root is None else repo_root)
+    gateway = next(n.name for n in site.nodes if n.role in gateway_roles)
+    return dataclasses.replace(site, gateway=gateway)
 
 
-def _check(site: Site, v: Validator, known_roles: list[str], base: Path) -> None:
+def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list[str], base: Path) -> None:
     if not NAME_RE.match(site.name):
         v.fail(("site",), f"expected a lowercase DNS label for the site name, got {site.name!r}")
     try:
@@ -146,9 +152,10 @@ def _check(site: Site, v: Validator, known_roles: list[str], base: Path) -> None
             if value in seen[key]:
                 v.fail(where + (key,), f"duplicate {key} {value!r} (also node {seen[key][value]})")
             seen[key][value] = i
-    routers = site.nodes_with_role("router")
-    if len(routers) != 1:
-        v.fail(("nodes",), f"expected exactly one node with role router, found {len(routers)}")
+    gateways = [n for n in site.nodes if n.role in gateway_roles]
+    if len(gateways) != 1:
+        v.fail(("nodes",), f"expected exactly one node with a gateway role ({', '.join(gateway_roles)}), "
+               f"found {len(gateways)}")
     gids = {g.name: g.gid for g in site.groups}
     for i, user in enumerate(site.users):
         if not NAME_RE.match(user.name):

@@ -15,7 +15,7 @@ from builder.fleet import SiteSecrets, node_network, write_node_seed
 from builder.seed import read_cidata
 from builder.site import load_site
 
-from test_site import GOOD, ROLES  # tests/unit is on sys.path (pytest prepend import mode)
+from test_site import GATEWAYS, GOOD, ROLES  # tests/unit is on sys.path (pytest prepend import mode)
 
 HAVE_FAT = all(shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin") for t in ("mkfs.vfat", "mcopy", "mdir"))
 
@@ -24,7 +24,7 @@ HAVE_FAT = all(shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin") for t 
 def site(tmp_path):
     p = tmp_path / "site.yaml"
     p.write_text(GOOD)
-    return load_site(p, known_roles=ROLES)
+    return load_site(p, known_roles=ROLES, gateway_roles=GATEWAYS)
 
 
 def modes(root: Path) -> dict[str, int]:

@@ -12,6 +12,7 @@ from builder.errors import ConfigError
 from builder.site import load_site
 
 ROLES = ["router", "control", "storage", "workstation-host"]
+GATEWAYS = ["router"]
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@test"
 
 GOOD = f"""\
@@ -41,12 +42,12 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def error_of(tmp_path: Path, text: str) -> str:
     with pytest.raises(ConfigError) as exc:
-        load_site(write(tmp_path, text), known_roles=ROLES)
+        load_site(write(tmp_path, text), known_roles=ROLES, gateway_roles=GATEWAYS)
     return str(exc.value)
 
 
 def test_good_site(tmp_path):
-    site = load_site(write(tmp_path, GOOD), known_roles=ROLES)
+    site = load_site(write(tmp_path, GOOD), known_roles=ROLES, gateway_roles=GATEWAYS)
     assert site.name == "example" and site.domain == "office.lan"
     assert site.node("nas").arch == "arm64"
     assert [n.name for n in site.nodes_with_role("workstation-host")] == ["ws1", "ws2"]
@@ -54,10 +55,11 @@ def test_good_site(tmp_path):
     assert site.builds() == [("control", "amd64", "qemu"), ("router", "amd64", "qemu"),
                              ("storage", "arm64", "qemu"), ("workstation-host", "amd64", "qemu")]
     assert site.cluster.engine == "swarm"
+    assert site.gateway == "gw"  # the node whose role is marked gateway: true
 
 
 def test_unknown_node_is_a_clear_error(tmp_path):
-    site = load_site(write(tmp_path, GOOD), known_roles=ROLES)
+    site = load_site(write(tmp_path, GOOD), known_roles=ROLES, gateway_roles=GATEWAYS)
     with pytest.raises(ConfigError, match="no node 'nope'.*gw, ctl"):
         site.node("nope")
 
@@ -67,7 +69,7 @@ def test_unknown_node_is_a_clear_error(tmp_path):
     ("address: 10.44.0.20", "address: 10.45.0.20", 9, r"nodes\[2\]\.address: 10\.45\.0\.20 is not a host address"),
     ("address: 10.44.0.31", "address: 10.44.0.255", 10, r"not a host address"),
     ("role: control", "role: kitchen", 8, r"nodes\[1\]\.role: unknown role 'kitchen'"),
-    ("role: control", "role: router", 6, r"exactly one node with role router, found 2"),
+    ("role: control", "role: router", 6, r"exactly one node with a gateway role \(router\), found 2"),
     ("arch: arm64", "arch: mips", 9, r"nodes\[2\]\.arch: expected one of amd64, arm64"),
     ('mac: "52:54:00:44:00:1f"', 'mac: "52-54-00-44-00-1f"', 10, r"expected a lowercase MAC"),
     ("name: ws2", "name: WS_2", 11, r"expected a lowercase DNS label"),
@@ -101,10 +103,10 @@ def test_k3s_needs_its_air_gap_files(tmp_path):
     msg = error_of(tmp_path, GOOD + k3s % (digest.upper(), digest))
     assert "binary_sha256: expected 64 lowercase hex digits" in msg
     site = load_site(write(tmp_path, GOOD + k3s % (digest, hashlib.sha256(b"images").hexdigest())),
-                     known_roles=ROLES)
+                     known_roles=ROLES, gateway_roles=GATEWAYS)
     assert site.cluster.k3s.binary == "k3s"
 
 
 def test_missing_site_file(tmp_path):
     with pytest.raises(ConfigError, match="no such site file"):
-        load_site(tmp_path / "nope.yaml", known_roles=ROLES)
+        load_site(tmp_path / "nope.yaml", known_roles=ROLES, gateway_roles=GATEWAYS)
