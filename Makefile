@@ -1,6 +1,6 @@
 # sohocloud — build hardened role images and prove them in QEMU.
 #   make            deps + the default image (router, amd64, qemu)
-#   make test       deps + tier 1 (unit) + tier 2 (boot) tests      <- CI runs this
+#   make test       deps + tier 1 (unit) + tier 2 (boot) + tier 3 (fleet) tests   <- CI runs this
 #   make bench      writes BENCHMARKS.md
 SHELL       := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,9 +14,9 @@ OUT         ?= out
 # archive into image trees, never onto the host.
 APT_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools e2fsprogs fdisk \
                 squashfs-tools xz-utils kmod busybox socat iproute2 openssh-client systemd \
-                ca-certificates python3-venv nftables cpio
+                ca-certificates python3-venv nftables cpio smbclient git
 
-.PHONY: all deps apt venv image test test-unit test-boot bench clean distclean
+.PHONY: all deps apt venv image test test-unit test-boot test-k3s test-all bench clean distclean
 
 all: deps image
 
@@ -55,6 +55,16 @@ test-unit: venv
 
 test-boot: deps
 	$(PY) -m pytest tests/boot -v
+
+# k3s end to end: needs its air-gap files (no reachable registry has k3s).
+#   K3S_ARTIFACTS=dir make test-k3s     (dir/k3s, dir/k3s-airgap-images-amd64.tar)
+test-k3s: deps
+	@test -n "$${K3S_ARTIFACTS:-}" || { echo "test-k3s: set K3S_ARTIFACTS=dir (k3s + k3s-airgap-images-amd64.tar)" >&2; exit 2; }
+	$(PY) -m pytest tests/boot/test_k3s_site.py -v -rs
+
+# Everything, including the opt-in suites whose inputs are present.
+test-all: test
+	@if [ -n "$${K3S_ARTIFACTS:-}" ]; then $(MAKE) test-k3s; else echo "test-all: K3S_ARTIFACTS unset, k3s suite skipped"; fi
 
 bench: deps
 	$(PY) tests/bench.py --output BENCHMARKS.md

@@ -46,12 +46,16 @@ def setup_logging(verbose: bool) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .s1_resolve import Repo, load_target
+    from .s1_resolve import Repo, load_profile, load_target
 
     repo = Repo(repo_root())
     for role in repo.roles():
+        kind = load_profile(repo, role).kind
         for target in repo.targets():
-            for arch in load_target(repo, target).arches:
+            tgt = load_target(repo, target)
+            if tgt.kind != kind:
+                continue
+            for arch in tgt.arches:
                 print(f"{role:18} --target {target:8} --arch {arch}")
     return 0
 
@@ -91,28 +95,41 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_fleet_build(args: argparse.Namespace) -> int:
     from .cache import StageCache
-    from .fleet import SiteSecrets, write_node_seed
+    from .fleet import SiteSecrets, find_providers, k3s_files, write_node_seed
+    from .s1_resolve import load_profile
     from .pipeline import build
     from .s1_resolve import Repo, resolve
     from .site import load_site, site_path
 
     repo = Repo(repo_root())
-    site = load_site(site_path(repo.root, args.site), known_roles=repo.roles(),
-                     gateway_roles=repo.gateway_roles(), repo_root=repo.root)
+    path = site_path(repo.root, args.site)
+    site = load_site(path, known_roles=repo.roles(), gateway_roles=repo.gateway_roles(), repo_root=repo.root)
     # Resolve every image the site needs before any long work: a bad role or
-    # target fails now, not after the first build.
-    cfgs = [resolve(repo, role, target=target, arch=arch) for role, arch, target in site.builds()]
+    # target, or a service no node provides, fails now, not after the first build.
+    members = {role for role, _a, _t in site.builds() if load_profile(repo, role).cluster != "none"}
+    # k3s (when the site chose it) is baked into the cluster members' images, checked by sha256 first.
+    cfgs = [resolve(repo, role, target=target, arch=arch,
+                    extra_files=k3s_files(site, path.parent, arch) if role in members else ())
+            for role, arch, target in site.builds()]
+    profiles = {cfg.role: cfg.profile for cfg in cfgs}
+    # Every role's profile, so an error can name the roles that would provide a missing service.
+    find_providers(site, {r: profiles.get(r) or load_profile(repo, r) for r in repo.roles()})
+    # Images the nodes' roles use besides their own (e.g. the desktop template), per arch.
+    extra = sorted({(ref.role, arch, ref.target) for role, arch, _t in site.builds()
+                    for ref in profiles[role].images} - set(site.builds()))
+    cfgs += [resolve(repo, role, target=target, arch=arch) for role, arch, target in extra]
     _check_host_tools(["mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "qemu-img", "systemctl"])
     secrets = SiteSecrets(Path(args.secrets) / site.name)
     out = Path(args.output)
     cache = StageCache()
     for i, cfg in enumerate(cfgs, 1):
         log.info("fleet %s: image %d/%d: %s", site.name, i, len(cfgs), cfg.slug)
-        build(cfg, out, cache=cache)
+        build(cfg, out, cache=cache, use_cache=not args.no_cache)
     seeds = out / site.name / "seeds"
+    site_text = path.read_text()
     for node in site.nodes:
-        path = write_node_seed(site, node, secrets, seeds)
-        log.info("fleet %s: seed for %s (%s) -> %s", site.name, node.name, node.role, path)
+        seed = write_node_seed(site, node, secrets, seeds, profiles, site_text)
+        log.info("fleet %s: seed for %s (%s) -> %s", site.name, node.name, node.role, seed)
     print(seeds)
     return 0
 
@@ -131,10 +148,23 @@ def cmd_fleet_up(args: argparse.Namespace) -> int:
 
     repo, site = _load_site(args.site)
     check_root()
-    times = fleet_up(site, repo, Path(args.output), memory=args.memory)
+    times = fleet_up(site, repo, Path(args.output), memory=args.memory, reimage=tuple(args.reimage),
+                     only=tuple(args.only))
     for name, seconds in times.items():
         print(f"{name}\tup (SSH after {seconds:.1f} s)")
     return 0
+
+
+def cmd_fleet_test(args: argparse.Namespace) -> int:
+    from .fleet_check import CHECKS, FleetProbe, run_checks
+
+    repo, site = _load_site(args.site)
+    probe = FleetProbe.open(site, repo, Path(args.output), Path(args.secrets) / site.name, args.identity)
+    names = args.only or list(CHECKS)
+    failed = run_checks(probe, names)
+    print(f"{site.name}: {len(names) - len(failed)}/{len(names)} checks passed"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def cmd_fleet_down(args: argparse.Namespace) -> int:
@@ -142,7 +172,7 @@ def cmd_fleet_down(args: argparse.Namespace) -> int:
 
     _repo, site = _load_site(args.site)
     check_root()
-    stopped = fleet_down(site, Path(args.output))
+    stopped = fleet_down(site, Path(args.output), tuple(args.only))
     print(f"{site.name}: stopped {', '.join(stopped) or 'nothing'}")
     return 0
 
@@ -207,12 +237,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("site", help="site name (sites/<name>.yaml) or path to a site file")
     s.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
     s.add_argument("--secrets", default="secrets", help="where site secrets live (default: secrets/)")
+    s.add_argument("--no-cache", action="store_true", help="rebuild every stage of every image (packages stay cached)")
     s.set_defaults(func=cmd_fleet_build)
     s = fsub.add_parser("up", help="boot the site on a private virtual LAN (router first)")
     s.add_argument("site")
     s.add_argument("-o", "--output", default="out")
     s.add_argument("--memory", type=int, default=1024, help="MiB per node")
+    s.add_argument("--only", action="append", default=[], metavar="NODE",
+                   help="boot only this node (repeatable); the others already up stay up")
+    s.add_argument("--reimage", action="append", default=[], metavar="NODE",
+                   help="start this node from a fresh root disk (its data disks stay; repeatable)")
     s.set_defaults(func=cmd_fleet_up)
+    s = fsub.add_parser("test", help="the cross-node checks on a site that is up")
+    s.add_argument("site")
+    s.add_argument("-o", "--output", default="out")
+    s.add_argument("--secrets", default="secrets", help="where site secrets live (default: secrets/)")
+    s.add_argument("-i", "--identity", required=True, help="the admin's private key")
+    s.add_argument("-k", "--only", action="append", default=[], metavar="CHECK", help="run only this check")
+    s.set_defaults(func=cmd_fleet_test)
     s = fsub.add_parser("ssh", help="SSH to a node as admin: fleet ssh SITE NODE [-- CMD]")
     s.add_argument("site")
     s.add_argument("node")
@@ -222,6 +264,7 @@ def parser() -> argparse.ArgumentParser:
     s = fsub.add_parser("down", help="stop the site's nodes (their disks stay)")
     s.add_argument("site")
     s.add_argument("-o", "--output", default="out")
+    s.add_argument("--only", action="append", default=[], metavar="NODE", help="stop only this node (repeatable)")
     s.set_defaults(func=cmd_fleet_down)
     return p
 

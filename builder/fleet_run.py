@@ -61,10 +61,21 @@ def seat_address(site: Site) -> str:
     return f"{net.broadcast_address - 1}/{net.prefixlen}"
 
 
-def node_nics(interfaces: list[str], node: SiteNode) -> list[Nic]:
+# Ports of the gateway's WAN address that `fleet test` probes from the WAN side:
+# QEMU user-net forwards 127.0.0.1:<20000+port> inside the site's namespace to them.
+WAN_PROBE_PORTS = (22, 53, 80, 443, 636, 2049, 7443, 9090, 9100)
+
+
+def wan_probe_port(port: int) -> int:
+    return 20000 + port
+
+
+def node_nics(interfaces: list[str], node: SiteNode, *, wan_probe: bool = False) -> list[Nic]:
     """The node's NICs in its role's order: the LAN on the bridge (site MAC), anything else user-net."""
     tap = f"t-{node.name}"[:15]
-    return [Nic("tap", ifname=tap, mac=node.mac) if name == "lan" else Nic("user") for name in interfaces]
+    fwd = tuple(f"tcp:127.0.0.1:{wan_probe_port(p)}-:{p}" for p in WAN_PROBE_PORTS) if wan_probe else ()
+    return [Nic("tap", ifname=tap, mac=node.mac) if name == "lan" else Nic("user", hostfwd=fwd)
+            for name in interfaces]
 
 
 def _read_state(paths: FleetPaths) -> dict | None:
@@ -81,31 +92,59 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[str, float]:
-    """Boot every node; returns seconds to SSH per node. Needs `fleet build` first."""
+def data_disks(paths: FleetPaths, node: SiteNode, manifest: dict) -> tuple[tuple[Path, str], ...]:
+    """The node's data drives (the role's `disks`), created blank once and kept across re-images."""
+    out = []
+    for d in manifest.get("disks", []):
+        path = paths.run / f"{node.name}-{d['name']}.qcow2"
+        if not path.exists():
+            run(["qemu-img", "create", "-q", "-f", "qcow2", path, d["size"]])
+        out.append((path, d["serial"]))
+    return tuple(out)
+
+
+def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: tuple[str, ...] = (),
+             only: tuple[str, ...] = ()) -> dict[str, float]:
+    """Boot the site's nodes (all, or *only* these); returns seconds to SSH per node.
+
+    *reimage*: these nodes start from a fresh root disk (their data disks stay).
+    Needs `fleet build` first."""
     paths = FleetPaths(out, site.name)
-    state = _read_state(paths)
-    if state and any(_alive(n["pid"]) for n in state["nodes"].values()):
+    for name in reimage + only:
+        site.node(name)  # a typo fails here
+    old = _read_state(paths)
+    running = bool(old and any(_alive(n["pid"]) for n in old["nodes"].values()))
+    if running and not only:
         raise SohoError(f"site {site.name} is already up (sohocloud fleet down {site.name})")
+    for name in only:
+        if running and _alive(old["nodes"].get(name, {}).get("pid", -1)):
+            raise SohoError(f"node {name} of site {site.name} is already up")
+    nodes = [n for n in site.nodes if not only or n.name in only]
     images = {}
-    for node in site.nodes:
+    for node in nodes:
         image = artefact_path(resolve(repo, node.role, target=node.target, arch=node.arch), out)
         if not image.is_file() or not paths.seed(node.name).is_file():
             raise SohoError(f"node {node.name}: no image or seed in {out} (run: sohocloud fleet build {site.name})")
         images[node.name] = image
     paths.run.mkdir(parents=True, exist_ok=True, mode=0o700)
     ns = Netns(netns_name(site))
-    subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)  # a stale one from a crash
-    ns.create()
-    ns.ip("addr", "add", seat_address(site), "dev", ns.bridge)
+    if running:
+        # More nodes on the LAN that is already up (e.g. the manager after its workers).
+        state = old
+    else:
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)  # a stale one from a crash
+        ns.create()
+        ns.ip("addr", "add", seat_address(site), "dev", ns.bridge)
+        state = {"netns": ns.name, "nodes": {}}
     vms: dict[str, VM] = {}
-    state = {"netns": ns.name, "nodes": {}}
     try:
-        for node in site.nodes:
-            interfaces = image_info(images[node.name])["interfaces"]
-            nics = node_nics(interfaces, node)
+        for node in nodes:
+            manifest = image_info(images[node.name])
+            interfaces = manifest["interfaces"]
+            nics = node_nics(interfaces, node, wan_probe=node.name == site.gateway)
             for nic in nics:
                 if nic.kind == "tap":
+                    subprocess.run(["ip", "-n", ns.name, "link", "del", nic.ifname], capture_output=True)
                     ns.add_tap(nic.ifname)
             disk = paths.run / f"{node.name}.qcow2"
             # A node keeps its disk across down/up; a rebuilt image is a re-install.
@@ -113,15 +152,16 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[s
             # byte-reproducible yet): stamp it with the image's sha256.
             built = recorded_sha256(out, images[node.name]) or ""
             stamp = paths.run / f"{node.name}.image"
-            if disk.exists() and (not stamp.is_file() or stamp.read_text() != built):
+            if disk.exists() and (node.name in reimage or not stamp.is_file() or stamp.read_text() != built):
                 log.info("fleet %s: %s was re-imaged: fresh root disk", site.name, node.name)
                 disk.unlink()
+            if not disk.exists():  # a first boot: the node will make new host keys
                 subprocess.run(["ssh-keygen", "-R", node.address, "-f", str(paths.run / "known_hosts")],
-                               capture_output=True)  # it will have new host keys
+                               capture_output=True)
             stamp.write_text(built)
             vms[node.name] = VM(images[node.name], nics, seed=paths.seed(node.name), netns=ns.name, memory=memory,
                                 serial_log=paths.run / f"{node.name}.console.log", disk=disk,
-                                workdir=paths.run / f"{node.name}.vm")
+                                extra_disks=data_disks(paths, node, manifest), workdir=paths.run / f"{node.name}.vm")
             vms[node.name].workdir.mkdir(exist_ok=True)
         times: dict[str, float] = {}
 
@@ -138,8 +178,9 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[s
                      times[node.name])
 
         # The gateway first: DHCP, DNS and the way out for everyone else.
-        boot(site.node(site.gateway))
-        others = [n for n in site.nodes if n.name != site.gateway]
+        if site.gateway in vms:
+            boot(site.node(site.gateway))
+        others = [n for n in nodes if n.name != site.gateway]
         with ThreadPoolExecutor(max(1, len(others))) as pool:
             for f in [pool.submit(boot, n) for n in others]:
                 f.result()
@@ -147,8 +188,13 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024) -> dict[s
     except BaseException:
         for vm in vms.values():
             vm.stop()
-        ns.delete()
-        paths.state.unlink(missing_ok=True)
+        if running:
+            for name in vms:
+                state["nodes"].pop(name, None)
+            _write_state(paths, state)
+        else:
+            ns.delete()
+            paths.state.unlink(missing_ok=True)
         raise
 
 
@@ -158,12 +204,17 @@ def _write_state(paths: FleetPaths, state: dict) -> None:
     os.replace(tmp, paths.state)
 
 
-def fleet_down(site: Site, out: Path) -> list[str]:
-    """Stop every node of the site and remove its namespace (disks stay)."""
+def fleet_down(site: Site, out: Path, only: tuple[str, ...] = ()) -> list[str]:
+    """Stop every node of the site (or *only* these) and remove its namespace
+    once no node is left (disks stay)."""
     paths = FleetPaths(out, site.name)
+    for name in only:
+        site.node(name)
     state = _read_state(paths) or {"netns": netns_name(site), "nodes": {}}
     stopped = []
-    for name, n in state["nodes"].items():
+    for name, n in list(state["nodes"].items()):
+        if only and name not in only:
+            continue
         pid = n["pid"]
         if _alive(pid):
             try:
@@ -177,6 +228,10 @@ def fleet_down(site: Site, out: Path) -> list[str]:
             except ProcessLookupError:
                 pass  # it exited between the check and the signal
             stopped.append(name)
+        del state["nodes"][name]
+    if only and any(_alive(n["pid"]) for n in state["nodes"].values()):
+        _write_state(paths, state)
+        return stopped
     subprocess.run(["ip", "netns", "del", state["netns"]], capture_output=True)
     paths.state.unlink(missing_ok=True)
     return stopped

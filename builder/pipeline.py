@@ -18,6 +18,7 @@ from .s3_customise import customise, customise_inputs
 from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel
 from .s5_assemble import (BOOTLOADERS, identity, make_esp, make_ext4, plan_layout, sfdisk_script,
                           to_qcow2, tree_size, write_disk)
+from .s5_oci import write_oci_archive
 from .s6_manifest import manifest_path, read_manifest, recorded_sha256, update_sha256sums, write_json_atomic
 from .progress import step
 from .schema import parse_size
@@ -34,7 +35,7 @@ class BuildResult:
 
 
 def artefact_path(cfg: BuildConfig, out_dir: Path) -> Path:
-    ext = {"qcow2": "qcow2"}[cfg.target.outputs[0]]
+    ext = {"qcow2": "qcow2", "oci": "tar"}[cfg.target.outputs[0]]
     return out_dir / f"{cfg.slug}.{ext}"
 
 
@@ -44,8 +45,7 @@ def build_inputs(cfg: BuildConfig) -> dict[str, str]:
     inputs.update({f"customise:{k}": v for k, v in customise_inputs(cfg).items()})
     inputs["initrd"] = digest([list(cfg.target.initrd_modules), INIT_SCRIPT.read_text(),
                                sorted(cfg.arch_spec.boot_packages)])
-    inputs["assemble"] = digest([repr(cfg.target), Path(__file__).with_name("s5_assemble.py").read_text(),
-                                 Path(__file__).with_name("s4_initrd.py").read_text()])
+    inputs["assemble"] = digest([repr(cfg.target), repr(cfg.profile.container), repr(cfg.profile.disks)])
     inputs["builder"] = __version__
     here = Path(__file__).parent
     inputs["builder-code"] = digest({p.name: p.read_text() for p in sorted(here.glob("*.py")) if p.name != "cli.py"}
@@ -80,8 +80,12 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
 
     rootfs = build_rootfs(cfg, cache, use_cache=use_cache)
     log.info("rootfs: %s (%s)", "reused cache" if rootfs.reused else "built", rootfs.key[:12])
-    bootfiles = build_bootfiles(cfg, cache, use_cache=use_cache)
-    log.info("bootfiles: %s (%s)", "reused cache" if bootfiles.reused else "built", bootfiles.key[:12])
+    stages = {"rootfs": {"key": rootfs.key, "reused": rootfs.reused}}
+    bootfiles = None
+    if cfg.target.kind == "node":
+        bootfiles = build_bootfiles(cfg, cache, use_cache=use_cache)
+        log.info("bootfiles: %s (%s)", "reused cache" if bootfiles.reused else "built", bootfiles.key[:12])
+        stages["bootfiles"] = {"key": bootfiles.key, "reused": bootfiles.reused}
 
     ident = identity(key)
     epoch = int(source_date_epoch())
@@ -89,44 +93,16 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
     try:
         root, boot = work / "root", work / "boot"
         extract_tar(rootfs.path, root)
-        extract_tar(bootfiles.path, boot)
+        if bootfiles is not None:
+            extract_tar(bootfiles.path, boot)
         facts = customise(cfg, root, ident)
         log.info("customise: done (%d packages)", len(facts["packages"]))
-
-        kernel = find_kernel(root)
-        initrd = work / "initrd.img"
-        initrd_facts = build_initrd(root, boot, cfg.arch_spec.busybox, list(cfg.target.initrd_modules),
-                                    initrd, epoch)
-        # The kernel lives on the ESP; the root keeps its modules only.
-        vmlinuz = work / "vmlinuz"
-        shutil.copyfile(kernel.vmlinuz, vmlinuz)
-        for p in (root / "boot").glob("*"):
-            p.unlink()
-
-        cmdline = f"root=UUID={ident['root_fs_uuid']} {cfg.target.cmdline}"
-        root_bytes = tree_size(root)
-        root_size = root_bytes + root_bytes // 10 + parse_size(cfg.target.root_free)
-        images = {}
-        for part in cfg.target.partitions:
-            img = work / f"{part.name}.img"
-            if part.fs == "ext4":
-                make_ext4(root, img, (root_size + (1 << 20) - 1) // (1 << 20) * (1 << 20),
-                          ident["root_fs_uuid"], part.name, epoch)
-            elif part.type == "esp":
-                files = BOOTLOADERS[cfg.target.bootloader](
-                    boot / cfg.arch_spec.efi_loader, cfg.arch_spec.efi_fallback, vmlinuz, initrd, cmdline,
-                    f"sohocloud {cfg.slug}")
-                make_esp(files, img, parse_size(part.size), ident["esp_vol_id"])
-            else:
-                raise SohoError(f"partition {part.name}: no builder for fs {part.fs} / type {part.type}")
-            images[part.name] = img
-        placed, disk_size = plan_layout(cfg.target.partitions,
-                                        {n: p.stat().st_size for n, p in images.items()})
-        raw = work / "disk.raw"
-        write_disk(placed, images, disk_size, sfdisk_script(placed, cfg.arch, ident), raw)
-        log.info("assemble: GPT disk %d MiB (root %d MiB used)", disk_size >> 20, root_bytes >> 20)
-        with step(f"assemble: qcow2 {artefact.name}"):
-            to_qcow2(raw, artefact)
+        if cfg.target.kind == "node":
+            out_facts = _assemble_disk(cfg, root, boot, work, artefact, ident, epoch)
+        else:
+            with step(f"assemble: OCI archive {artefact.name}"):
+                out_facts = write_oci_archive(root, artefact, cfg.profile.container, cfg.arch, cfg.slug,
+                                              f"sohocloud/{cfg.role}:latest", epoch, work)
 
         seconds = time.monotonic() - t0
         manifest = {
@@ -136,27 +112,22 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
             "distro": cfg.distro,
             "arch": cfg.arch,
             "target": cfg.target_name,
+            "kind": cfg.target.kind,
             "builder_version": __version__,
             "inputs_hash": key,
             "inputs": inputs,
-            "stages": {"rootfs": {"key": rootfs.key, "reused": rootfs.reused},
-                       "bootfiles": {"key": bootfiles.key, "reused": bootfiles.reused}},
+            "stages": stages,
             "build_seconds": round(seconds, 1),
-            "kernel": initrd_facts["kernel"],
-            "initrd_modules": initrd_facts["initrd_modules"],
-            "cmdline": cmdline,
-            "bootloader": cfg.target.bootloader,
-            "partitions": [{"name": p.name, "type": p.type, "start": p.start, "size": p.size} for p in placed],
             "interfaces": list(cfg.profile.interfaces),
             "network": {k: {"dhcp4": v.dhcp4, "addresses": list(v.addresses)}
                         for k, v in cfg.profile.network.items()},
             "ports": [vars(p) for p in cfg.profile.firewall.ports],
             "clients": [vars(p) for p in cfg.profile.firewall.clients],
-            "sizes": {"tree_bytes": root_bytes, "disk_bytes": disk_size,
-                      "artefact_bytes": artefact.stat().st_size,
-                      "initrd_bytes": initrd.stat().st_size},
+            "disks": [vars(d) for d in cfg.profile.disks],
+            **out_facts,
             "packages": facts["packages"],
         }
+        manifest["sizes"]["artefact_bytes"] = artefact.stat().st_size
         mpath = manifest_path(artefact)
         write_json_atomic(mpath, manifest)
         update_sha256sums(out_dir, [artefact, mpath])
@@ -164,3 +135,49 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
         return BuildResult(artefact, mpath, seconds, False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _assemble_disk(cfg: BuildConfig, root: Path, boot: Path, work: Path, artefact: Path, ident: dict[str, str],
+                   epoch: int) -> dict:
+    """Kernel + our initrd on a UEFI ESP, the tree as ext4, GPT, qcow2. Returns manifest facts."""
+    kernel = find_kernel(root)
+    initrd = work / "initrd.img"
+    initrd_facts = build_initrd(root, boot, cfg.arch_spec.busybox, list(cfg.target.initrd_modules), initrd, epoch)
+    # The kernel lives on the ESP; the root keeps its modules only.
+    vmlinuz = work / "vmlinuz"
+    shutil.copyfile(kernel.vmlinuz, vmlinuz)
+    for p in (root / "boot").glob("*"):
+        p.unlink()
+
+    cmdline = f"root=UUID={ident['root_fs_uuid']} {cfg.target.cmdline}"
+    root_bytes = tree_size(root)
+    root_size = (root_bytes + root_bytes // 10 + parse_size(cfg.target.root_free)
+                 + parse_size(cfg.profile.extra_root_free))
+    images = {}
+    for part in cfg.target.partitions:
+        img = work / f"{part.name}.img"
+        if part.fs == "ext4":
+            make_ext4(root, img, (root_size + (1 << 20) - 1) // (1 << 20) * (1 << 20),
+                      ident["root_fs_uuid"], part.name, epoch)
+        elif part.type == "esp":
+            files = BOOTLOADERS[cfg.target.bootloader](
+                boot / cfg.arch_spec.efi_loader, cfg.arch_spec.efi_fallback, vmlinuz, initrd, cmdline,
+                f"sohocloud {cfg.slug}")
+            make_esp(files, img, parse_size(part.size), ident["esp_vol_id"])
+        else:
+            raise SohoError(f"partition {part.name}: no builder for fs {part.fs} / type {part.type}")
+        images[part.name] = img
+    placed, disk_size = plan_layout(cfg.target.partitions, {n: p.stat().st_size for n, p in images.items()})
+    raw = work / "disk.raw"
+    write_disk(placed, images, disk_size, sfdisk_script(placed, cfg.arch, ident), raw)
+    log.info("assemble: GPT disk %d MiB (root %d MiB used)", disk_size >> 20, root_bytes >> 20)
+    with step(f"assemble: qcow2 {artefact.name}"):
+        to_qcow2(raw, artefact)
+    return {
+        "kernel": initrd_facts["kernel"],
+        "initrd_modules": initrd_facts["initrd_modules"],
+        "cmdline": cmdline,
+        "bootloader": cfg.target.bootloader,
+        "partitions": [{"name": p.name, "type": p.type, "start": p.start, "size": p.size} for p in placed],
+        "sizes": {"tree_bytes": root_bytes, "disk_bytes": disk_size, "initrd_bytes": initrd.stat().st_size},
+    }

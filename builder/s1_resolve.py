@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .schema import ARCHES, ArchSpec, Profile, Target, Validator, parse_size
+from .schema import ARCHES, SERVICES, ArchSpec, Profile, Target, Validator, parse_size
 from .yamlsrc import KeyPath, Located, Origin, load_yaml
 
 # Keys that belong to one file and are not inherited through `extends:`.
@@ -62,6 +62,16 @@ class Repo:
 
 
 @dataclass(frozen=True)
+class ExtraFile:
+    """A file from outside the archive baked into the image (e.g. a site's k3s binary), checked by sha256."""
+
+    dest: str  # absolute path in the image
+    src: Path
+    sha256: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     role: str
     distro: str
@@ -71,6 +81,7 @@ class BuildConfig:
     target: Target
     arch_spec: ArchSpec
     repo: Repo
+    extra_files: tuple[ExtraFile, ...] = ()
 
     @property
     def slug(self) -> str:
@@ -78,7 +89,9 @@ class BuildConfig:
         return f"{self.role}-{self.distro}-{self.arch}-{self.target_name}"
 
     def all_packages(self) -> tuple[str, ...]:
-        pkgs = list(self.profile.packages) + list(self.target.packages) + [self.arch_spec.kernel_package]
+        pkgs = list(self.profile.packages) + list(self.target.packages)
+        if self.arch_spec.kernel_package:
+            pkgs.append(self.arch_spec.kernel_package)
         return tuple(dict.fromkeys(pkgs))
 
     def kernel_module_paths(self) -> tuple[str, ...]:
@@ -215,6 +228,14 @@ def _check_profile(p: Profile, v: Validator, repo: Repo) -> None:
     for key, exc in p.sysctl_exceptions.items():
         if not exc.reason.strip():
             v.fail(("sysctl_exceptions", key, "reason"), "a sysctl exception needs a non-empty reason")
+    try:
+        parse_size(p.extra_root_free)
+    except ValueError as exc:
+        v.fail(("extra_root_free",), str(exc))
+    for key in ("provides", "uses"):
+        for i, svc in enumerate(getattr(p, key)):
+            if svc not in SERVICES:
+                v.fail((key, i), f"unknown site service '{svc}' (known: {', '.join(SERVICES)})")
     for i, name in enumerate(p.overlays):
         if not (repo.overlays / name).is_dir():
             v.fail(("overlays", i), f"no overlay directory {repo.overlays / name}")
@@ -249,13 +270,13 @@ def load_target(repo: Repo, name: str) -> Target:
     except ValueError as exc:
         v.fail(("root_free",), str(exc))
     for arch, spec in target.arches.items():
-        if len(spec.qemu.nic_addrs) < len(target.nic_paths):
+        if spec.qemu is not None and len(spec.qemu.nic_addrs) < len(target.nic_paths):
             v.fail(("arches", arch, "qemu", "nic_addrs"), "needs one PCI address per entry of nic_paths")
     return target
 
 
 def resolve(repo: Repo, role: str, *, target: str = "qemu", arch: str = "amd64",
-            distro: str = "debian") -> BuildConfig:
+            distro: str = "debian", extra_files: tuple[ExtraFile, ...] = ()) -> BuildConfig:
     """Load and check everything a build of (role, target, arch, distro) needs."""
     if arch not in ARCHES:
         raise ConfigError(f"unknown arch '{arch}' (expected one of {', '.join(ARCHES)})")
@@ -271,9 +292,21 @@ def resolve(repo: Repo, role: str, *, target: str = "qemu", arch: str = "amd64",
         raise ConfigError(
             f"{repo.images / (target + '.yaml')}: arches: target '{target}' has no arch '{arch}' "
             f"(it has: {', '.join(tgt.arches)})")
-    if len(profile.interfaces) > len(tgt.nic_paths):
+    if profile.kind != tgt.kind:
+        raise ConfigError(
+            f"{repo.images / (target + '.yaml')}: kind: target '{target}' makes {tgt.kind} images, role '{role}' "
+            f"is a {profile.kind} (targets of that kind: "
+            f"{', '.join(t for t in repo.targets() if load_target(repo, t).kind == profile.kind)})")
+    if tgt.kind == "node":
+        spec = tgt.arches[arch]
+        missing = [k for k in ("kernel_package", "efi_loader", "busybox", "qemu") if not getattr(spec, k)]
+        if missing or not tgt.partitions or tgt.bootloader == "none":
+            raise ConfigError(f"{repo.images / (target + '.yaml')}: arches.{arch}: a node target needs "
+                              f"kernel_package, efi_loader, busybox, qemu, partitions and a bootloader "
+                              f"(missing: {', '.join(missing) or 'partitions/bootloader'})")
+    if profile.kind == "node" and len(profile.interfaces) > len(tgt.nic_paths):
         raise ConfigError(
             f"{repo.images / (target + '.yaml')}: nic_paths: role '{role}' needs {len(profile.interfaces)} NICs "
             f"({', '.join(profile.interfaces)}), target '{target}' has {len(tgt.nic_paths)}")
     return BuildConfig(role=role, distro=distro, arch=arch, target_name=target, profile=profile,
-                       target=tgt, arch_spec=tgt.arches[arch], repo=repo)
+                       target=tgt, arch_spec=tgt.arches[arch], repo=repo, extra_files=extra_files)

@@ -47,7 +47,27 @@ def customise_inputs(cfg: BuildConfig) -> dict[str, str]:
     }
     for name in p.overlays:
         out[f"overlay:{name}"] = hash_tree(cfg.repo.overlays / name)
+    for f in cfg.extra_files:
+        out[f"file:{f.dest}"] = digest([f.sha256, f.mode])
     return out
+
+
+def install_extra_files(root: Path, files) -> None:
+    """Copy each extra file in, checking its sha256 on the bytes actually copied."""
+    import hashlib
+
+    for f in files:
+        dest = root / f.dest.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with open(f.src, "rb") as src, open(dest, "wb") as out:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != f.sha256:
+            dest.unlink()
+            raise ConfigError(f"{f.src}: sha256 {h.hexdigest()} does not match the expected {f.sha256}")
+        os.chmod(dest, f.mode)
 
 
 # --------------------------------------------------------------------------- overlays
@@ -69,7 +89,7 @@ def template_context(cfg: BuildConfig, identity: dict[str, str]) -> dict[str, An
         "vars": p.vars,
         "identity": identity,
         "ports_by_zone": _ports_by_zone(p.firewall.ports),
-        "ssh_zone": _ssh_zone(cfg),
+        "ssh_zone": _ssh_zone(cfg) if cfg.target.kind == "node" else None,
     }
 
 
@@ -164,8 +184,9 @@ def add_user(root: Path, user: User) -> int:
     if any(r[0] == user.name for r in passwd):
         return int(next(r[2] for r in passwd if r[0] == user.name))
     used = {int(r[2]) for r in passwd} | {int(r[2]) for r in group}
-    uid = user.uid or next(i for i in range(1000, 60000) if i not in used)
-    home = f"/home/{user.name}"
+    ids = range(100, 1000) if user.system else range(1000, 60000)
+    uid = user.uid or next(i for i in ids if i not in used)
+    home = user.home or f"/home/{user.name}"
     passwd.append([user.name, "x", str(uid), str(uid), "", home, user.shell])
     group.append([user.name, "x", str(uid), ""])
     for g in user.groups:
@@ -194,7 +215,7 @@ def add_user(root: Path, user: User) -> int:
     h = root / home.lstrip("/")
     if not h.exists():
         skel = root / "etc/skel"
-        if skel.is_dir():
+        if skel.is_dir() and not user.system:
             shutil.copytree(skel, h, symlinks=True)
         else:
             h.mkdir(parents=True)
@@ -410,7 +431,9 @@ def set_services(root: Path, services) -> None:
     """enable/disable/mask with the host's systemctl on the offline tree."""
     for verb, units in (("disable", services.disable), ("enable", services.enable), ("mask", services.mask)):
         for unit in units:
-            unit_known = any((root / d / unit).exists() for d in ("usr/lib/systemd/system", "etc/systemd/system"))
+            # An instance (name@inst.service) exists when its template (name@.service) does.
+            file = re.sub(r"@[^.]+\.", "@.", unit)
+            unit_known = any((root / d / file).exists() for d in ("usr/lib/systemd/system", "etc/systemd/system"))
             if not unit_known and verb != "mask":
                 if verb == "disable":
                     continue
@@ -445,6 +468,23 @@ def installed_packages(root: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- stage
 
 
+def install_node_parts(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> None:
+    """What only a booting machine has: firstboot, its units and hook helpers, network files, fstab."""
+    install_firstboot(cfg.repo.firstboot / "sohocloud-firstboot", root)
+    for unit in sorted(cfg.repo.firstboot.glob("*.service")):
+        shutil.copyfile(unit, root / "usr/lib/systemd/system" / unit.name)
+    # The helpers role hooks import (stdlib only).
+    shutil.copyfile(cfg.repo.firstboot / "sohocloud_hooks.py", root / FIRSTBOOT_DIR / "sohocloud_hooks.py")
+    for rel, content in network_units(cfg).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(content)
+    (root / "etc/fstab").write_text(
+        "# <fs> <mountpoint> <type> <options> <dump> <pass>\n"
+        f"UUID={identity['root_fs_uuid']} / ext4 defaults,errors=remount-ro 0 1\n"
+    )
+
+
+
 def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[str, Any]:
     """Turn the base tree at *root* into the role's tree. Returns facts for the manifest."""
     p = cfg.profile
@@ -454,19 +494,13 @@ def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[st
     written: list[str] = []
     for name in p.overlays:
         written += render_overlay(cfg.repo.overlays / name, root, ctx)
-    install_firstboot(cfg.repo.firstboot / "sohocloud-firstboot", root)
-    shutil.copyfile(cfg.repo.firstboot / "sohocloud-firstboot.service",
-                    root / "usr/lib/systemd/system/sohocloud-firstboot.service")
-    for rel, content in network_units(cfg).items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(content)
-    (root / "etc/fstab").write_text(
-        "# <fs> <mountpoint> <type> <options> <dump> <pass>\n"
-        f"UUID={identity['root_fs_uuid']} / ext4 defaults,errors=remount-ro 0 1\n"
-    )
+    if cfg.target.kind == "node":
+        install_node_parts(cfg, root, identity)
+    install_extra_files(root, cfg.extra_files)
     apply_edits(root, p.edits)
-    set_services(root, p.services)
-    write_preset(root, p.services)
+    if cfg.target.kind == "node":
+        set_services(root, p.services)
+        write_preset(root, p.services)
     locked = lock_passwords(root)
     if locked:
         log.info("customise: locked password field of %s", ", ".join(locked))

@@ -80,6 +80,36 @@ class User:
     shell: str = "/bin/bash"
     sudo_nopasswd: bool = False
     uid: int | None = None
+    system: bool = False  # a service account: uid below 1000, no skeleton files
+    home: str | None = None  # default /home/<name>
+
+
+# Site services a role can provide or use (see Profile.provides/uses and
+# builder/fleet.py, which writes each one's seed sections).
+SERVICES = ("cluster", "git", "ldap", "logs", "metrics", "nas")
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    """The OCI image config of a container role."""
+
+    cmd: tuple[str, ...] = ("/bin/sh",)
+    env: dict[str, str] = field(default_factory=dict)
+    user: str = ""
+    working_dir: str = "/"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    role: str
+    target: str
+
+
+@dataclass(frozen=True)
+class DataDisk:
+    name: str
+    serial: str  # the guest sees /dev/disk/by-id/virtio-<serial>
+    size: str
 
 
 @dataclass(frozen=True)
@@ -133,6 +163,23 @@ class Profile:
     edits: tuple[ConfigEdit, ...] = ()
     strip_paths: tuple[str, ...] = ()
     vars: dict[str, Any] = field(default_factory=dict)
+    # Site services (capabilities, not roles) this role serves / consumes:
+    # `sohocloud fleet build` finds each service's node through `provides` and
+    # puts its address and the client credentials into the seeds of the nodes
+    # that `use` it. Names: see builder/fleet.py SERVICES.
+    provides: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    # Membership of the site's container cluster.
+    cluster: Literal["none", "manager", "worker"] = "none"
+    # node: boots (kernel, firstboot, services); container: a userland for an OCI image.
+    kind: Literal["node", "container"] = "node"
+    container: ContainerConfig = ContainerConfig()
+    # Extra drives the role's machine has (the fleet attaches them on QEMU).
+    disks: tuple[DataDisk, ...] = ()
+    # Free space in the root fs beyond the target's root_free (e.g. container images).
+    extra_root_free: str = "0M"
+    # Other images this role's nodes use (e.g. the desktop template): built with the site.
+    images: tuple[ImageRef, ...] = ()
 
     def effective_sysctl(self) -> dict[str, str]:
         out = {k: str(v) for k, v in self.sysctl.items()}
@@ -157,12 +204,13 @@ class QemuSpec:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    kernel_package: str
-    boot_packages: tuple[str, ...]
-    efi_loader: str  # path of the UEFI loader inside the boot-package tree
-    efi_fallback: str  # where firmware looks for it on the ESP
-    busybox: str  # static busybox inside the boot-package tree (for the initrd)
-    qemu: QemuSpec
+    # Empty for container targets (no kernel, no boot loader).
+    kernel_package: str = ""
+    boot_packages: tuple[str, ...] = ()
+    efi_loader: str = ""  # path of the UEFI loader inside the boot-package tree
+    efi_fallback: str = ""  # where firmware looks for it on the ESP
+    busybox: str = ""  # static busybox inside the boot-package tree (for the initrd)
+    qemu: QemuSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -178,10 +226,12 @@ class Target:
     name: str
     description: str
     arches: dict[str, ArchSpec]
-    partitions: tuple[Partition, ...]
-    bootloader: Literal["systemd-boot"]
-    outputs: tuple[Literal["qcow2"], ...]
-    cmdline: str
+    outputs: tuple[Literal["qcow2", "oci"], ...]
+    # node: a bootable machine image; container: a userland only (roles of the same kind).
+    kind: Literal["node", "container"] = "node"
+    partitions: tuple[Partition, ...] = ()
+    bootloader: Literal["systemd-boot", "none"] = "none"
+    cmdline: str = ""
     kernel_modules: tuple[str, ...] = ()
     initrd_modules: tuple[str, ...] = ()
     nic_paths: tuple[str, ...] = ()

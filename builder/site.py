@@ -15,11 +15,13 @@ from typing import Literal
 
 from .errors import ConfigError
 from .schema import ARCHES, Validator
+from .seed import is_public_key
 from .yamlsrc import Origin, load_yaml
 
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CRYPT_RE = re.compile(r"\$[0-9a-z]+\$[A-Za-z0-9./$=,-]+")
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,23 @@ def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list
         v.fail(("nodes",), f"expected exactly one node with a gateway role ({', '.join(gateway_roles)}), "
                f"found {len(gateways)}")
     gids = {g.name: g.gid for g in site.groups}
+    uids = {u.uid: u.name for u in site.users}
+    for i, g in enumerate(site.groups):
+        if not 1000 <= g.gid < 60000:
+            v.fail(("groups", i, "gid"), f"expected a gid from 1000 to 59999, got {g.gid}")
+        if g.gid in uids:
+            # Every person has a private group with gid == uid (Debian's scheme).
+            v.fail(("groups", i, "gid"), f"gid {g.gid} is user {uids[g.gid]}'s uid (their private group)")
+    for i, key in enumerate(site.admin_ssh_keys):
+        if not is_public_key(key.strip()):
+            v.fail(("admin_ssh_keys", i), "expected an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
     for i, user in enumerate(site.users):
+        for j, key in enumerate(user.ssh_keys):
+            if not is_public_key(key.strip()):
+                v.fail(("users", i, "ssh_keys", j), "expected an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
+        if user.password_hash is not None and not CRYPT_RE.fullmatch(user.password_hash):
+            v.fail(("users", i, "password_hash"), "expected a crypt(3) hash like $6$salt$... "
+                   "(e.g. from `mkpasswd -m sha-512`), not a password")
         if not NAME_RE.match(user.name):
             v.fail(("users", i, "name"), f"expected a lowercase login name, got {user.name!r}")
         if not 1000 <= user.uid < 60000:

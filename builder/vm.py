@@ -82,7 +82,7 @@ class BootFiles:
 
 def qemu_argv(spec: QemuSpec, arch: str, disk: Path, *, nics: list[Nic], seed: Path | None = None,
               boot: BootFiles | None = None, uefi_vars: Path | None = None, memory: int = 1024, smp: int = 2,
-              serial: str = "mon:stdio", extra_disks: tuple[Path, ...] = ()) -> list[str]:
+              serial: str = "mon:stdio", extra_disks: tuple[tuple[Path, str], ...] = ()) -> list[str]:
     """The QEMU command line (pure: no side effects)."""
     argv = [spec.binary, "-machine", spec.machine, *accel_args(arch), "-cpu", spec.cpu,
             "-smp", str(smp), "-m", str(memory), "-nodefaults", "-no-user-config", "-display", "none",
@@ -94,12 +94,14 @@ def qemu_argv(spec: QemuSpec, arch: str, disk: Path, *, nics: list[Nic], seed: P
             raise ValueError("UEFI boot needs a writable copy of the firmware variables")
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.firmware_code}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={uefi_vars}"]
-    disks = [(disk, "qcow2", False)] + [(d, "qcow2", False) for d in extra_disks]
+    # (path, format, read-only, serial): data disks carry the serial the role names them by.
+    disks = [(disk, "qcow2", False, "")] + [(d, "qcow2", False, serial) for d, serial in extra_disks]
     if seed is not None:
-        disks.append((seed, "raw", True))
-    for i, (path, fmt, ro) in enumerate(disks):
+        disks.append((seed, "raw", True, ""))
+    for i, (path, fmt, ro, ser) in enumerate(disks):
         argv += ["-drive", f"if=none,id=d{i},file={path},format={fmt}" + (",readonly=on" if ro else ""),
-                 "-device", f"virtio-blk-pci,drive=d{i},addr={hex(DISK_ADDR_BASE + i)}"]
+                 "-device", f"virtio-blk-pci,drive=d{i},addr={hex(DISK_ADDR_BASE + i)}"
+                 + (f",serial={ser}" if ser else "")]
     for i, nic in enumerate(nics):
         if i >= len(spec.nic_addrs):
             raise SohoError(f"the target has {len(spec.nic_addrs)} NIC slots, {len(nics)} NICs asked for")
@@ -204,7 +206,7 @@ class VM:
     netns: str | None = None
     serial_log: Path | None = None
     disk: Path | None = None  # persistent overlay (kept between boots)
-    extra_disks: tuple[Path, ...] = ()
+    extra_disks: tuple[tuple[Path, str], ...] = ()  # (qcow2, serial), kept by the caller
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sohocloud-vm.")))
     proc: subprocess.Popen | None = None
     started: float = 0.0

@@ -113,8 +113,9 @@ def test_router_keeps_hardened_sysctls(router) -> None:
 
 def test_router_firewall_ports_exact(router) -> None:
     ports = {(p.zone, p.proto, p.port) for p in router.profile.firewall.ports}
-    assert ports == {("lan", "tcp", 22), ("lan", "tcp", 53), ("lan", "udp", 53), ("lan", "udp", 67)}
-    assert len(router.profile.firewall.ports) == 4
+    assert ports == {("lan", "tcp", 22), ("lan", "tcp", 9100), ("lan", "tcp", 53), ("lan", "udp", 53),
+                     ("lan", "udp", 67)}
+    assert len(router.profile.firewall.ports) == 5
     assert not any(p.zone == "wan" for p in router.profile.firewall.ports)
     assert router.profile.firewall.masquerade == ("wan",)
     assert [(f.src, f.to) for f in router.profile.firewall.forward] == [("lan", "wan")]
@@ -124,7 +125,7 @@ def test_router_network_and_overlays(router) -> None:
     p = router.profile
     assert p.network["lan"].addresses == ("10.44.0.1/24",) and p.network["lan"].dhcp4 is False
     assert p.network["wan"].dhcp4 is True
-    assert p.overlays == ("base", "hardened", "router")
+    assert p.overlays == ("base", "hardened", "site-node", "router")
     assert "cramfs" in p.module_blacklist
     assert "fs/ext4" in router.kernel_module_paths() and "drivers/virtio" in router.kernel_module_paths()
     assert p.abstract is False
@@ -138,7 +139,7 @@ def test_config_is_frozen(router) -> None:
 
 
 def test_layers_are_not_roles(repo: Path) -> None:
-    assert Repo(repo).roles() == ["router"]
+    assert Repo(repo).roles() == ["control", "desktop", "router", "storage", "workstation-host"]
     msg = config_error(repo, "hardened")
     assert "hardened.yaml" in msg and "abstract" in msg
 
@@ -182,7 +183,7 @@ def test_wrong_type_port(repo: Path) -> None:
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'port: ' + chr(34) + 'x')}:" in msg
     # hardened's ssh port is item 0 of the merged list; the role's udp/53 is item 2
-    assert "firewall.ports[2].port" in msg
+    assert "firewall.ports[3].port" in msg
     assert "expected an integer" in msg and "'x'" in msg
 
 
@@ -191,7 +192,7 @@ def test_wrong_literal_proto(repo: Path) -> None:
     edit(f, "{zone: lan, proto: udp, port: 67,", "{zone: lan, proto: sctp, port: 67,")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'proto: sctp')}:" in msg
-    assert "firewall.ports[3].proto" in msg and "'tcp'" in msg and "'udp'" in msg
+    assert "firewall.ports[4].proto" in msg and "'tcp'" in msg and "'udp'" in msg
 
 
 def test_port_out_of_range(repo: Path) -> None:
@@ -199,7 +200,7 @@ def test_port_out_of_range(repo: Path) -> None:
     edit(f, "port: 67,", "port: 70000,")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'port: 70000')}:" in msg
-    assert "firewall.ports[3].port" in msg and "1-65535" in msg
+    assert "firewall.ports[4].port" in msg and "1-65535" in msg
 
 
 def test_missing_required_key(repo: Path) -> None:
@@ -207,20 +208,20 @@ def test_missing_required_key(repo: Path) -> None:
     edit(f, "{zone: lan, proto: udp, port: 67, service: dhcp}", "{zone: lan, proto: udp, port: 67}")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'port: 67}')}:" in msg
-    assert "firewall.ports[3]" in msg and "missing required key 'service'" in msg
+    assert "firewall.ports[4]" in msg and "missing required key 'service'" in msg
 
 
 def test_unknown_role(repo: Path) -> None:
     msg = config_error(repo, "rooter")
     assert "unknown role 'rooter'" in msg
     assert str(repo / "profiles/rooter.yaml") in msg
-    assert "known roles: router" in msg
+    assert "known roles: control, desktop, router, storage, workstation-host" in msg
 
 
 def test_unknown_target(repo: Path) -> None:
     msg = config_error(repo, target="rpi9")
     assert "unknown target 'rpi9'" in msg
-    assert str(repo / "images/rpi9.yaml") in msg and "known targets: qemu" in msg
+    assert str(repo / "images/rpi9.yaml") in msg and "known targets: oci, qemu" in msg
 
 
 def test_unknown_arch_argument(repo: Path) -> None:
@@ -249,7 +250,7 @@ def test_unknown_distro(repo: Path) -> None:
 
 def test_extends_missing_parent(repo: Path) -> None:
     f = repo / "profiles/router.yaml"
-    edit(f, "extends: hardened", "extends: hardend")
+    edit(f, "extends: site-node", "extends: hardend")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'extends: hardend')}:" in msg
     assert "extends" in msg and "no profile 'hardend'" in msg
@@ -258,7 +259,7 @@ def test_extends_missing_parent(repo: Path) -> None:
 
 def test_extends_missing_parent_in_list(repo: Path) -> None:
     f = repo / "profiles/router.yaml"
-    edit(f, "extends: hardened", "extends:\n  - hardened\n  - nosuch")
+    edit(f, "extends: site-node", "extends:\n  - site-node\n  - nosuch")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, '- nosuch')}:" in msg
     assert "no profile 'nosuch'" in msg
@@ -269,12 +270,12 @@ def test_extends_cycle(repo: Path) -> None:
     edit(f, "abstract: true\n", "abstract: true\nextends: router\n")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'extends: router')}:" in msg
-    assert "cycle" in msg and "router -> hardened -> base -> router" in msg
+    assert "cycle" in msg and "router -> site-node -> hardened -> base -> router" in msg
 
 
 def test_extends_self(repo: Path) -> None:
     f = repo / "profiles/router.yaml"
-    edit(f, "extends: hardened", "extends: [hardened, router]")
+    edit(f, "extends: site-node", "extends: [site-node, router]")
     msg = config_error(repo)
     assert f"{f}:" in msg and "cycle" in msg and "router -> router" in msg
 
@@ -357,7 +358,7 @@ def test_firewall_zone_not_an_interface(repo: Path) -> None:
     edit(f, "{zone: lan, proto: udp, port: 67", "{zone: dmz, proto: udp, port: 67")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'zone: dmz')}:" in msg
-    assert "firewall.ports[3].zone" in msg and "'dmz'" in msg and "interfaces" in msg
+    assert "firewall.ports[4].zone" in msg and "'dmz'" in msg and "interfaces" in msg
     assert "'lan'" in msg and "'wan'" in msg
 
 
@@ -374,7 +375,7 @@ def test_missing_overlay_directory(repo: Path) -> None:
     edit(f, "overlays: [router]", "overlays: [router, nope]")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'overlays: [router, nope]')}:" in msg
-    assert "overlays[3]" in msg and str(repo / "overlays/nope") in msg
+    assert "overlays[4]" in msg and str(repo / "overlays/nope") in msg
 
 
 def test_bad_package_name(repo: Path) -> None:

@@ -515,20 +515,53 @@ def test_hooks_skipped_when_seed_is_broken(root: Path, tmp_path: Path, monkeypat
     assert not (root / "ran").exists()
 
 
-def test_split_phases(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--phase early (before networkd) then --phase hooks (after network-online)."""
+def add_online_hook(root: Path, name: str, body: str) -> Path:
+    d = root / "usr/lib/sohocloud/online.d"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / name
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return p
+
+
+def test_online_phase_retries_until_each_hook_succeeds(root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The online phase runs after the early one; a failing hook (manager not up yet) is retried with
+    backoff, the next hook runs only once it succeeded, and the marker comes last."""
     monkeypatch.setenv("SOHOCLOUD_RUN_HOOKS", "1")
-    add_hook(root, "10-touch", f'touch "{root}/ran"\n')
-    seed = make_seed(tmp_path / "seed")
-    marker = root / "var/lib/sohocloud/firstboot.done"
-    assert run_fb(root, seed, "--phase", "early") == 0
-    assert not (root / "ran").exists() and not marker.exists()
-    assert run_fb(root, None, "--phase", "hooks") == 0
-    assert (root / "ran").exists() and marker.read_text() == "iid-1\n"
-    # Without hooks installed the early phase finishes on its own.
-    (root / "usr/lib/sohocloud/firstboot.d/10-touch").unlink()
-    assert run_fb(root, make_seed(tmp_path / "seed", iid="iid-2"), "--phase", "early") == 0
-    assert marker.read_text() == "iid-2\n"
+    sleeps: list[float] = []
+    monkeypatch.setattr(fb.time, "sleep", sleeps.append)
+    count = root / "tries"
+    add_online_hook(root, "10-join", f'echo x >> "{count}"\n[ "$(wc -l < "{count}")" -ge 3 ]\n')
+    add_online_hook(root, "20-after", f'test -f "$SOHOCLOUD_SEED_JSON" && touch "{root}/after"\n')
+    online = root / "var/lib/sohocloud/online.done"
+    # Before the early phase handed over: nothing to do.
+    assert run_fb(root, None, "--phase", "online") == 0 and not online.exists()
+    assert run_fb(root, make_seed(tmp_path / "seed")) == 0
+    assert not online.exists()
+    assert run_fb(root, None, "--phase", "online") == 0
+    assert count.read_text().count("x") == 3 and (root / "after").exists()
+    assert sleeps == list(fb.ONLINE_BACKOFF_S[:2])
+    assert online.read_text() == "iid-1\n"
+    # Done: another boot runs no hook again.
+    assert run_fb(root, make_seed(tmp_path / "seed")) == 0
+    assert run_fb(root, None, "--phase", "online") == 0
+    assert count.read_text().count("x") == 3
+
+
+def test_online_phase_resumes_after_power_cut(root: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Early phase done, online phase cut off: the next boot hands the settings over again."""
+    monkeypatch.setenv("SOHOCLOUD_RUN_HOOKS", "1")
+    assert run_fb(root, make_seed(tmp_path / "seed")) == 0
+    seed_json = root / "run/sohocloud/seed.json"
+    seed_json.unlink()  # /run is gone after the reboot
+    (root / "run/sohocloud/instance-id").unlink()
+    add_online_hook(root, "10-join", f'test -f "$SOHOCLOUD_SEED_JSON" && touch "{root}/joined"\n')
+    assert run_fb(root, make_seed(tmp_path / "seed")) == 0
+    assert seed_json.exists()
+    assert run_fb(root, None, "--phase", "online") == 0
+    assert (root / "joined").exists()
 
 
 # --------------------------------------------------------------------------- secrets

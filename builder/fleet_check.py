@@ -1,0 +1,398 @@
+"""`sohocloud fleet test`: the cross-node checks on a site that is up.
+
+Every check talks to the real services over the site LAN (inside the site's
+network namespace) or runs on the nodes over SSH as admin; nothing is faked.
+The boot tests (tests/boot/test_fleet_site.py) run these same checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets as pysecrets
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SohoError
+from .fleet_run import FleetPaths, _alive, _read_state
+from .pipeline import artefact_path
+from .s1_resolve import Repo, resolve
+from .site import Site, SiteNode
+from .vm import image_info
+
+log = logging.getLogger("sohocloud.fleet")
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def expect(ok: bool, msg: str) -> None:
+    if not ok:
+        raise CheckFailed(msg)
+
+
+@dataclass
+class FleetProbe:
+    site: Site
+    repo: Repo
+    out: Path
+    secrets: Path  # secrets/<site>
+    identity: str
+    netns: str
+
+    @classmethod
+    def open(cls, site: Site, repo: Repo, out: Path, secrets: Path, identity: str) -> "FleetProbe":
+        state = _read_state(FleetPaths(out, site.name))
+        if not state or not any(_alive(n["pid"]) for n in state["nodes"].values()):
+            raise SohoError(f"site {site.name} is not up (sohocloud fleet up {site.name})")
+        return cls(site, repo, out, secrets, identity, state["netns"])
+
+    # ------------------------------------------------------------------ access
+
+    def manifest(self, node: SiteNode) -> dict:
+        return image_info(artefact_path(resolve(self.repo, node.role, target=node.target, arch=node.arch), self.out))
+
+    def nodes_with(self, predicate: Callable[[dict], bool]) -> list[SiteNode]:
+        return [n for n in self.site.nodes if predicate(self.manifest(n))]
+
+    def profile(self, node: SiteNode):
+        return resolve(self.repo, node.role, target=node.target, arch=node.arch).profile
+
+    def in_netns(self, argv: list[str], **kw) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], capture_output=True, text=True, **kw)
+
+    def ssh(self, node: SiteNode, command: str, *, stdin: str | bytes | None = None, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess:
+        known = FleetPaths(self.out, self.site.name).run / "known_hosts"
+        argv = ["ip", "netns", "exec", self.netns, "ssh", "-i", self.identity, "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={known}",
+                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", f"admin@{node.address}", command]
+        binary = isinstance(stdin, bytes)
+        p = subprocess.run(argv, input=stdin, capture_output=True, text=not binary, timeout=timeout)
+        if check and p.returncode != 0:
+            err = p.stderr if not binary else p.stderr.decode(errors="replace")
+            raise CheckFailed(f"{node.name}: `{command}` failed ({p.returncode}): {err.strip()[-500:]}")
+        return p
+
+    def node_by_role(self, role: str) -> SiteNode:
+        found = self.site.nodes_with_role(role)
+        if not found:
+            raise CheckFailed(f"the site has no {role} node")
+        return found[0]
+
+    def provider(self, service: str) -> SiteNode:
+        for n in self.site.nodes:
+            if service in self.profile(n).provides:
+                return n
+        raise CheckFailed(f"no node provides {service}")
+
+    def users_of(self, service: str) -> list[SiteNode]:
+        return [n for n in self.site.nodes if service in self.profile(n).uses]
+
+
+def retry(fn: Callable[[], None], timeout: float, every: float = 5) -> None:
+    """Run *fn* until it passes or *timeout* runs out (services converge after boot)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fn()
+            return
+        except CheckFailed:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(every)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def dns_query(probe: FleetProbe, server: str, name: str) -> list[str]:
+    """A-record lookup straight at the router's DNS, from the host's seat on the LAN."""
+    script = ("import socket,struct,sys\n"
+              "name=sys.argv[2]\n"
+              "q=struct.pack('>HHHHHH',0x5c5c,0x0100,1,0,0,0)+b''.join(bytes([len(p)])+p.encode() for p in name.split('.'))"
+              "+b'\\0'+struct.pack('>HH',1,1)\n"
+              "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(3);s.sendto(q,(sys.argv[1],53))\n"
+              "r=s.recv(512);an=struct.unpack('>H',r[6:8])[0];i=len(q);out=[]\n"
+              "for _ in range(an):\n"
+              "  i+=2 if r[i]&0xc0==0xc0 else r.index(b'\\0',i)+1-i\n"
+              "  t,c,ttl,l=struct.unpack('>HHIH',r[i:i+10]);i+=10\n"
+              "  out.append('.'.join(map(str,r[i:i+l])) if t==1 else '');i+=l\n"
+              "print(' '.join(a for a in out if a))\n")
+    p = probe.in_netns(["python3", "-c", script, server, name], timeout=20)
+    return p.stdout.split() if p.returncode == 0 else []
+
+
+def check_dns_and_reservations(probe: FleetProbe) -> None:
+    """Every node has its DHCP reservation on the router and its DNS name answers there."""
+    gw = probe.site.node(probe.site.gateway)
+    conf = probe.ssh(gw, "sudo cat /etc/dnsmasq.d/60-site-hosts.conf").stdout
+    for n in probe.site.nodes:
+        expect(n == gw or f"{n.mac},{n.address}" in conf, f"router has no DHCP reservation for {n.name}")
+        fqdn = f"{n.name}.{probe.site.domain}"
+        got = dns_query(probe, gw.address, fqdn)
+        expect(got == [n.address], f"router DNS: {fqdn} -> {got}, expected {n.address}")
+
+
+def check_cluster(probe: FleetProbe) -> None:
+    """The cluster lists every member Ready, labelled with its role."""
+    manager = probe.provider("cluster")
+    members = {n.name: n.role for n in probe.site.nodes if probe.profile(n).cluster != "none"}
+
+    def ready() -> None:
+        out = probe.ssh(manager, "sudo docker node ls --format '{{.Hostname}} {{.Status}}'").stdout.split("\n")
+        status = dict(line.split() for line in out if line.strip())
+        expect(all(status.get(m) == "Ready" for m in members), f"swarm nodes: {status}, expected {sorted(members)}")
+        fmt = "{{.Description.Hostname}} {{index .Spec.Labels \"sohocloud.role\"}}"
+        labels = probe.ssh(manager, f"sudo docker node inspect --format '{fmt}' $(sudo docker node ls -q)").stdout
+        got = dict(line.split() for line in labels.splitlines() if len(line.split()) == 2)
+        expect(got == members, f"role labels {got}, expected {members}")
+
+    retry(ready, 240)
+
+
+def check_ldap_users(probe: FleetProbe) -> None:
+    """`getent passwd` finds every site user on each node that takes its people from LDAP."""
+    for n in probe.users_of("ldap"):
+        for u in probe.site.users:
+            def found(n=n, u=u) -> None:
+                line = probe.ssh(n, f"getent passwd {u.name}", check=False).stdout.strip()
+                expect(line.split(":")[2:3] == [str(u.uid)], f"{n.name}: getent passwd {u.name} -> {line!r}")
+            retry(found, 180)
+
+
+def _nas_file(probe: FleetProbe) -> tuple[SiteNode, SiteNode, str, str, str]:
+    ws = probe.users_of("nas")[0]
+    nas = probe.provider("nas")
+    user = probe.site.users[0].name
+    return ws, nas, user, "fleet-check.txt", f"written on {ws.name} by {user}\n"
+
+
+def check_nas_home(probe: FleetProbe) -> None:
+    """A user's file written on a workstation host (NFS home) is read back on storage."""
+    ws, nas, user, name, text = _nas_file(probe)
+    token = pysecrets.token_hex(8)
+    body = text + token + "\n"
+
+    def write() -> None:
+        probe.ssh(ws, f"sudo -u {user} sh -c 'cat > /nas/home/{user}/{name}'", stdin=body)
+    retry(write, 180)
+    stat = probe.ssh(nas, f"sudo stat -c '%U %a' /nas/home/{user}/{name}").stdout.split()
+    expect(stat[0] == user, f"the file on the NAS belongs to {stat[0]}, not {user}")
+    got = probe.ssh(nas, f"sudo cat /nas/home/{user}/{name}").stdout
+    expect(got == body, f"storage reads {got!r}, expected {body!r}")
+
+
+def check_samba(probe: FleetProbe) -> None:
+    """The same file through Samba (SMB3, encrypted), with the user's password."""
+    ws, nas, user, name, text = _nas_file(probe)
+    password = (probe.secrets / "users" / f"{user}.password").read_text().strip()
+    with tempfile.NamedTemporaryFile("w", prefix="sohocloud-smb.", suffix=".auth") as auth:
+        auth.write(f"username = {user}\npassword = {password}\n")
+        auth.flush()
+        p = probe.in_netns(["smbclient", f"//{nas.address}/{user}", "-A", auth.name, "-m", "SMB3",
+                            "--option=client smb encrypt=required", "-c", f"get {name} -"], timeout=60)
+    expect(p.returncode == 0 and p.stdout.startswith(text),
+           f"smbclient: rc {p.returncode}: {p.stdout[-300:]} {p.stderr[-300:]}")
+
+
+def check_prometheus(probe: FleetProbe) -> None:
+    """Prometheus on the metrics node has every node's exporter up."""
+    prom = probe.provider("metrics")
+    want = {f"{n.name}.{probe.site.domain}:9100" for n in probe.users_of("metrics")}
+    script = ("import json,urllib.request,sys;"
+              f"d=json.load(urllib.request.urlopen('http://{prom.address}:9090/api/v1/targets',timeout=10));"
+              "print(json.dumps({t['labels']['instance']:t['health'] for t in d['data']['activeTargets']"
+              " if t['labels']['job']=='node'}))")
+
+    def up() -> None:
+        health = json.loads(probe.ssh(prom, f'python3 -c "{script}"').stdout)
+        expect(set(health) == want and all(v == "up" for v in health.values()), f"exporters: {health}")
+    retry(up, 180)
+
+
+def check_journals(probe: FleetProbe) -> None:
+    """Every node's journal reaches the log sink."""
+    sink = probe.provider("logs")
+    want = {n.name for n in probe.users_of("logs")}
+
+    def arrived() -> None:
+        out = probe.ssh(sink, "sudo journalctl -D /var/log/journal/remote -F _HOSTNAME").stdout.split()
+        expect(want <= set(out), f"journals from {sorted(set(out))}, missing {sorted(want - set(out))}")
+    retry(arrived, 180)
+
+
+def check_desktop_image(probe: FleetProbe) -> None:
+    """The desktop OCI image loads into docker and podman on a workstation host and runs a command."""
+    ws = probe.node_by_role("workstation-host")
+    ref = probe.profile(ws).images[0]
+    image = artefact_path(resolve(probe.repo, ref.role, target=ref.target, arch=ws.arch), probe.out)
+    expect(image.is_file(), f"no {image} (fleet build makes it)")
+    tag = image_info(image)["image_ref"]
+    probe.ssh(ws, "cat > /var/tmp/desktop-oci.tar", stdin=image.read_bytes(), timeout=600)
+    probe.ssh(ws, "sudo docker load -i /var/tmp/desktop-oci.tar", timeout=600)
+    out = probe.ssh(ws, f"sudo docker run --rm --network none {tag} sh -c 'command -v Xvnc && "
+                        "cat /etc/debian_version'").stdout
+    expect("/usr/bin/Xvnc" in out, f"docker run: {out!r}")
+    probe.ssh(ws, "sudo podman load -i /var/tmp/desktop-oci.tar && rm -f /var/tmp/desktop-oci.tar", timeout=600)
+    out = probe.ssh(ws, f"sudo podman run --rm --network none {tag} command -v openbox").stdout
+    expect("/usr/bin/openbox" in out, f"podman run: {out!r}")
+
+
+SCANNER = r"""
+import errno, select, socket, sys
+host = sys.argv[1]
+open_ports = []
+ports = list(range(1, 65536))
+for start in range(0, len(ports), 4000):
+    socks = {}
+    for p in ports[start:start + 4000]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        if s.connect_ex((host, p)) in (0, errno.EINPROGRESS):
+            socks[s] = p
+        else:
+            s.close()
+    poller = select.poll()
+    pending = {s.fileno(): s for s in socks}
+    for fd in pending:
+        poller.register(fd, select.POLLOUT)
+    import time
+    t0 = time.monotonic()
+    while pending and time.monotonic() - t0 < 2.5:
+        for fd, _ev in poller.poll(500):
+            s = pending.pop(fd, None)
+            if s is None:
+                continue
+            poller.unregister(fd)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                open_ports.append(socks[s])
+    for s in socks:
+        s.close()
+print(" ".join(map(str, sorted(open_ports))))
+"""
+
+
+def check_port_scan(probe: FleetProbe) -> None:
+    """A TCP scan from a workstation host sees exactly each node's declared LAN ports."""
+    ws = probe.node_by_role("workstation-host")
+    problems = []
+    for n in probe.site.nodes:
+        if n == ws:
+            continue
+        declared = sorted({p["port"] for p in probe.manifest(n)["ports"] if p["zone"] == "lan" and p["proto"] == "tcp"})
+        out = probe.ssh(ws, f"ulimit -n 8192; python3 - {n.address}", stdin=SCANNER, timeout=300).stdout.split()
+        seen = sorted(int(x) for x in out)
+        if seen != declared:
+            problems.append(f"{n.name}: open {seen}, declared {declared}")
+    expect(not problems, "; ".join(problems))
+
+
+def check_wan_closed(probe: FleetProbe) -> None:
+    """From the WAN side (QEMU user-net forwards to the router's WAN address) nothing answers."""
+    from .fleet_run import WAN_PROBE_PORTS, wan_probe_port
+
+    script = ("import socket,sys\n"
+              "for p in map(int,sys.argv[1:]):\n"
+              "  s=socket.create_connection(('127.0.0.1',p),timeout=3);s.settimeout(4)\n"
+              "  try:\n"
+              "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n');d=s.recv(64)\n"
+              "  except OSError: d=b''\n"
+              "  print(p,len(d))\n")
+    ports = [str(wan_probe_port(p)) for p in WAN_PROBE_PORTS]
+    p = probe.in_netns(["python3", "-c", script, *ports], timeout=120)
+    expect(p.returncode == 0, f"WAN probe failed: {p.stderr[-300:]}")
+    answered = [line for line in p.stdout.splitlines() if line.split()[1] != "0"]
+    expect(not answered, f"answered from the WAN side: {answered}")
+
+
+def check_backup_restore(probe: FleetProbe) -> None:
+    """A backup then a restore on storage returns the same bytes."""
+    nas = probe.provider("nas")
+    data = pysecrets.token_bytes(256 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    path = "/srv/nas/shared/backup-check.bin"
+    probe.ssh(nas, f"sudo tee {path} >/dev/null", stdin=data)
+    probe.ssh(nas, "sudo systemctl start sohocloud-backup.service", timeout=300)
+    probe.ssh(nas, f"sudo rm {path}; sudo rm -rf /tmp/restore")
+    probe.ssh(nas, "sudo sohocloud-restore latest /tmp/restore", timeout=300)
+    got = probe.ssh(nas, f"sudo sha256sum /tmp/restore{path}").stdout.split()[0]
+    probe.ssh(nas, "sudo rm -rf /tmp/restore")
+    expect(got == digest, f"restored sha256 {got}, backed up {digest}")
+
+
+def check_units(probe: FleetProbe) -> None:
+    """No failed unit on any node, and every node finished its first boot (both phases)."""
+    problems = []
+    for n in probe.site.nodes:
+        def settled(n=n) -> None:
+            out = probe.ssh(n, "systemctl --failed --no-legend --plain; sudo cat /var/lib/sohocloud/online.done "
+                               "2>/dev/null || echo online-phase-pending").stdout
+            expect("online-phase-pending" not in out, f"{n.name}: online phase not finished")
+            failed = [line.split()[0] for line in out.splitlines() if line.endswith("failed") or " failed " in line]
+            expect(not failed, f"{n.name}: failed units {failed}")
+        try:
+            retry(settled, 120)
+        except CheckFailed as e:
+            problems.append(str(e))
+    expect(not problems, "; ".join(problems))
+
+
+def check_git(probe: FleetProbe) -> None:
+    """The site repository on the git server (over SSH, git-shell) holds the site file as built."""
+    node = probe.provider("git")
+    known = FleetPaths(probe.out, probe.site.name).run / "known_hosts"
+    with tempfile.TemporaryDirectory(prefix="sohocloud-git.") as d:
+        env = {"GIT_SSH_COMMAND": f"ssh -i {probe.identity} -o IdentitiesOnly=yes -o BatchMode=yes "
+                                  f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known} -o LogLevel=ERROR",
+               "PATH": "/usr/bin:/bin", "HOME": d}
+        p = subprocess.run(["ip", "netns", "exec", probe.netns, "git", "clone", "-q",
+                            f"git@{node.address}:site.git", f"{d}/site"], capture_output=True, text=True, env=env,
+                           timeout=120)
+        expect(p.returncode == 0, f"git clone git@{node.address}:site.git: {p.stderr.strip()[-300:]}")
+        text = Path(d, "site", "site.yaml").read_text()
+    expect(f"site: {probe.site.name}" in text and all(n.mac in text for n in probe.site.nodes),
+           "site.yaml in the repository is not this site's file")
+    # git-shell only: no interactive shell for the git account.
+    p = probe.in_netns(["ssh", "-i", probe.identity, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                        "-o", f"UserKnownHostsFile={known}", "-o", "LogLevel=ERROR", f"git@{node.address}", "id"],
+                       timeout=60)
+    expect(p.returncode != 0, f"the git account ran a shell command: {p.stdout!r}")
+
+
+CHECKS: dict[str, Callable[[FleetProbe], None]] = {
+    "units": check_units,
+    "dns": check_dns_and_reservations,
+    "cluster": check_cluster,
+    "ldap": check_ldap_users,
+    "nas-home": check_nas_home,
+    "samba": check_samba,
+    "prometheus": check_prometheus,
+    "journals": check_journals,
+    "git": check_git,
+    "desktop-image": check_desktop_image,
+    "port-scan": check_port_scan,
+    "wan-closed": check_wan_closed,
+    "backup-restore": check_backup_restore,
+}
+
+
+def run_checks(probe: FleetProbe, names: list[str]) -> list[str]:
+    failed = []
+    for name in names:
+        if name not in CHECKS:
+            raise SohoError(f"no check '{name}' (checks: {', '.join(CHECKS)})")
+        t0 = time.monotonic()
+        try:
+            CHECKS[name](probe)
+            print(f"ok    {name} ({time.monotonic() - t0:.1f} s)", flush=True)
+        except (CheckFailed, subprocess.TimeoutExpired) as e:
+            failed.append(name)
+            print(f"FAIL  {name}: {e}", flush=True)
+    return failed

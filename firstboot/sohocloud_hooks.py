@@ -1,0 +1,272 @@
+"""Helpers for role hooks (firstboot.d / online.d): settings, checked values, files, commands.
+
+Stdlib only: it runs on minimal nodes. Every path goes through ROOT so hooks
+can be exercised against a fake root on the build host (SOHOCLOUD_ROOT).
+Secrets from the seed go to files (0600) or stdin, never to argv or the log.
+"""
+
+from __future__ import annotations
+
+import grp
+import http.client
+import ipaddress
+import json
+import os
+import pwd
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(os.environ.get("SOHOCLOUD_ROOT", "/"))
+LIVE = ROOT == Path("/")  # hooks touch the running system (systemctl, mount) only on a real node
+TLS_DIR = "etc/sohocloud/tls"
+
+NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+PEM_RE = re.compile(r"-----BEGIN ([A-Z ]+)-----\n[A-Za-z0-9+/=\n]+-----END \1-----\n?")
+SSH_KEY_TYPES = frozenset({"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                           "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"})
+
+
+class Refused(SystemExit):
+    pass
+
+
+def tag() -> str:
+    return Path(sys.argv[0]).name
+
+
+def say(msg: str) -> None:
+    print(f"sohocloud-firstboot: {tag()}: {msg}", file=sys.stderr, flush=True)
+
+
+def check(ok: bool, what: str) -> None:
+    """Seed values become config lines: anything not of the expected form is refused."""
+    if not ok:
+        raise Refused(f"sohocloud-firstboot: {tag()}: seed value refused: {what}")
+
+
+def settings() -> dict[str, Any]:
+    path = os.environ.get("SOHOCLOUD_SEED_JSON", "")
+    check(bool(path) and Path(path).is_file(), "no role settings (SOHOCLOUD_SEED_JSON)")
+    data = json.loads(Path(path).read_text())
+    check(isinstance(data, dict), "role settings are not a mapping")
+    return data
+
+
+def section(data: dict[str, Any], key: str, required: bool = True) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None and not required:
+        return {}
+    check(isinstance(value, dict), f"'{key}' missing or not a mapping")
+    return value
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def name(value: Any, what: str) -> str:
+    check(isinstance(value, str) and bool(NAME_RE.fullmatch(value)), f"{what}: expected a lowercase name")
+    return value
+
+
+def domain(value: Any, what: str = "domain") -> str:
+    check(isinstance(value, str) and bool(DOMAIN_RE.fullmatch(value)) and len(value) <= 253,
+          f"{what}: expected a DNS domain")
+    return value
+
+
+def ip(value: Any, what: str) -> str:
+    text = str(value)
+    check("%" not in text and " " not in text and text.isprintable(), f"{what}: expected an IP address")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        check(False, f"{what}: expected an IP address")
+        raise
+
+
+def network(value: Any, what: str) -> str:
+    text = str(value)
+    check("%" not in text and " " not in text and text.isprintable(), f"{what}: expected a network")
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        check(False, f"{what}: expected a network")
+        raise
+
+
+def integer(value: Any, what: str, lo: int, hi: int) -> int:
+    check(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+          f"{what}: expected an integer {lo}..{hi}")
+    return value
+
+
+def pem(value: Any, what: str) -> str:
+    check(isinstance(value, str) and bool(PEM_RE.fullmatch(value.strip() + "\n")), f"{what}: expected PEM")
+    return value.strip() + "\n"
+
+
+def secret(value: Any, what: str) -> str:
+    """A generated secret: printable, no whitespace or quotes (it lands in config files)."""
+    check(isinstance(value, str) and 16 <= len(value) <= 256 and bool(re.fullmatch(r"[A-Za-z0-9_.+/=-]+", value)),
+          f"{what}: expected a generated secret")
+    return value
+
+
+def ssh_key(value: Any, what: str) -> str:
+    """An OpenSSH public key line, as firstboot and `sohocloud seed` accept it (any comment, one line)."""
+    import base64
+    import binascii
+
+    ok = isinstance(value, str) and not any(c in value for c in "\n\r\0")
+    if ok:
+        parts = value.strip().split(None, 2)
+        try:
+            blob = base64.b64decode(parts[1], validate=True) if len(parts) >= 2 else b""
+        except (binascii.Error, ValueError):
+            blob = b""
+        ok = (parts[0] in SSH_KEY_TYPES and len(blob) > 4
+              and blob[4:4 + int.from_bytes(blob[:4], "big")] == parts[0].encode())
+    check(ok, f"{what}: expected an SSH public key")
+    return value.strip()
+
+
+# --------------------------------------------------------------------------- files
+
+
+def path(rel: str) -> Path:
+    return ROOT / rel.lstrip("/")
+
+
+def write(rel: str, text: str | bytes, mode: int = 0o644, owner: str | None = None, group: str | None = None) -> Path:
+    """Write atomically (temp + rename) with the mode set before any byte lands."""
+    p = path(rel)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    chown(tmp, owner, group)
+    os.replace(tmp, p)
+    return p
+
+
+def chown(p: Path, owner: str | int | None, group: str | int | None) -> None:
+    if os.geteuid() != 0 or (owner is None and group is None):
+        return
+    uid = -1 if owner is None else (owner if isinstance(owner, int) else lookup_uid(owner))
+    gid = -1 if group is None else (group if isinstance(group, int) else lookup_gid(group))
+    os.chown(p, uid, gid)
+
+
+def lookup_uid(user: str) -> int:
+    if LIVE:
+        return pwd.getpwnam(user).pw_uid
+    for line in path("etc/passwd").read_text().splitlines():
+        f = line.split(":")
+        if f[0] == user:
+            return int(f[2])
+    raise KeyError(user)
+
+
+def lookup_gid(group: str) -> int:
+    if LIVE:
+        return grp.getgrnam(group).gr_gid
+    for line in path("etc/group").read_text().splitlines():
+        f = line.split(":")
+        if f[0] == group:
+            return int(f[2])
+    raise KeyError(group)
+
+
+def set_managed_block(rel: str, marker: str, lines: list[str], mode: int = 0o644) -> None:
+    """Replace (or append) the lines between '# BEGIN marker' and '# END marker'."""
+    p = path(rel)
+    old = p.read_text().splitlines() if p.exists() else []
+    begin, end = f"# BEGIN {marker}", f"# END {marker}"
+    out, skip = [], False
+    for line in old:
+        if line == begin:
+            skip = True
+        elif line == end:
+            skip = False
+        elif not skip:
+            out.append(line)
+    out += [begin, *lines, end]
+    write(rel, "\n".join(out) + "\n", mode)
+
+
+def install_tls(data: dict[str, Any]) -> None:
+    """The site CA and this node's key + certificate (from the seed) in /etc/sohocloud/tls."""
+    tls = section(data, "tls")
+    write(f"{TLS_DIR}/ca.crt", pem(data.get("ca_cert"), "ca_cert"))
+    write(f"{TLS_DIR}/node.crt", pem(tls.get("cert"), "tls.cert"))
+    write(f"{TLS_DIR}/node.key", pem(tls.get("key"), "tls.key"), 0o600)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run(argv: list[str], *, stdin: str | None = None, check_rc: bool = True,
+        quiet: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a command; argv never carries a secret (those go through stdin or files)."""
+    if not quiet:
+        say("$ " + " ".join(argv))
+    p = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if check_rc and p.returncode != 0:
+        raise SystemExit(f"sohocloud-firstboot: {tag()}: {argv[0]} failed (exit {p.returncode}): "
+                         f"{p.stderr.strip()[-400:]}")
+    return p
+
+
+def systemctl(*args: str) -> None:
+    if LIVE:
+        run(["systemctl", *args])
+
+
+def lan_address() -> str | None:
+    """This node's LAN address, from the network file firstboot wrote from the seed."""
+    for p in sorted(path("etc/systemd/network").glob("*lan*.network")):
+        for line in p.read_text().splitlines():
+            if line.startswith("Address="):
+                return line.split("=", 1)[1].split("/")[0]
+    return None
+
+
+# --------------------------------------------------------------------------- docker engine API
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, sock_path: str, timeout: float = 60) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.sock_path = sock_path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.sock_path)
+        self.sock = s
+
+
+def docker(method: str, url: str, body: Any = None, sock: str = "/run/docker.sock") -> tuple[int, Any]:
+    """One Docker Engine API call (secrets such as join tokens travel in the body, not argv)."""
+    conn = UnixHTTPConnection(sock)
+    try:
+        payload = None if body is None else json.dumps(body)
+        conn.request(method, url, body=payload, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        data = raw.decode(errors="replace")
+    return resp.status, data

@@ -1,0 +1,129 @@
+"""Tier 3: the example site (router, control, storage, workstation host) booted
+together on its private LAN, checked across nodes with `sohocloud fleet test`'s
+checks (builder/fleet_check.py) against the real services.
+
+Boot order on purpose: the router, then storage and the workstation host, and
+only then control: the cluster members must wait for the manager and join once
+it is up (firstboot's online phase retries with backoff).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.fleet_check import CHECKS, FleetProbe
+from builder.s1_resolve import Repo
+from builder.site import load_site
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
+pytestmark = pytest.mark.boot
+SITE = "office"
+
+
+def cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "builder.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def console(name: str) -> str:
+    p = OUT / SITE / "run" / f"{name}.console.log"
+    return p.read_text(errors="replace")[-4000:] if p.exists() else "(no console log)"
+
+
+@pytest.fixture(scope="module")
+def office(tmp_path_factory, test_key):
+    """sites/example.yaml with the test's admin key, built and booted."""
+    if os.geteuid() != 0:
+        pytest.skip("fleet tests need root")
+    d = tmp_path_factory.mktemp("office")
+    text = (REPO / "sites/example.yaml").read_text()
+    text = re.sub(r"(?m)^site: example$", f"site: {SITE}", text)
+    text = re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {test_key.with_suffix('.pub').read_text().strip()}",
+                  text)
+    site_file = d / f"{SITE}.yaml"
+    site_file.write_text(text)
+    secrets = d / "secrets"
+    t0 = time.monotonic()
+    r = cli("fleet", "build", str(site_file), "-o", str(OUT), "--secrets", str(secrets))
+    assert r.returncode == 0, r.stderr[-3000:]
+    build_s = time.monotonic() - t0
+    repo = Repo(REPO)
+    site = load_site(site_file, known_roles=repo.roles(), gateway_roles=repo.gateway_roles(), repo_root=REPO)
+    cli("fleet", "down", str(site_file), "-o", str(OUT))
+    for disk in (OUT / SITE / "run").glob("*.qcow2"):
+        disk.unlink()  # a fresh office every run: blank data disks, first boots
+    manager = next(n.name for n in site.nodes if n.role == "control")
+    first = [n.name for n in site.nodes if n.name != manager]
+    t0 = time.monotonic()
+    r = cli("fleet", "up", str(site_file), "-o", str(OUT), *[a for n in first for a in ("--only", n)])
+    assert r.returncode == 0, r.stderr[-2000:] + "".join(console(n) for n in first)
+    probe = FleetProbe.open(site, repo, OUT, secrets / SITE, str(test_key))
+    yield {"site": site, "file": site_file, "probe": probe, "manager": manager, "secrets": secrets,
+           "build_s": build_s, "t0": t0, "build_log": r.stdout + r.stderr}
+    cli("fleet", "down", str(site_file), "-o", str(OUT))
+
+
+@pytest.fixture(scope="module")
+def joined(office):
+    """The manager boots last; every member then joins."""
+    probe, site = office["probe"], office["site"]
+    worker = next(n for n in site.nodes if n.role == "workstation-host")
+    deadline = time.monotonic() + 300
+    log = ""
+    while time.monotonic() < deadline:
+        log = probe.ssh(worker, "sudo journalctl -b -u sohocloud-online --no-pager", check=False).stdout
+        if "70-cluster: not yet" in log:
+            break
+        time.sleep(5)
+    assert "70-cluster: not yet" in log, f"{worker.name} never waited for the manager:\n{log[-2000:]}"
+    r = cli("fleet", "up", str(office["file"]), "-o", str(OUT), "--only", office["manager"])
+    assert r.returncode == 0, r.stderr[-2000:] + console(office["manager"])
+    CHECKS["cluster"](probe)
+    office["joined_s"] = time.monotonic() - office["t0"]
+    return office
+
+
+def test_worker_booted_before_manager_joined_later(joined):
+    probe, site = joined["probe"], joined["site"]
+    worker = next(n for n in site.nodes if n.role == "workstation-host")
+    log = probe.ssh(worker, "sudo journalctl -b -u sohocloud-online --no-pager").stdout
+    assert "70-cluster: not yet" in log and "joined the swarm" in log
+
+
+@pytest.mark.parametrize("check", [c for c in CHECKS if c != "cluster"])
+def test_fleet_check(joined, check):
+    CHECKS[check](joined["probe"])
+
+
+def test_secrets_stay_out_of_images_manifests_and_logs(joined):
+    secrets = joined["secrets"]
+    values = [p.read_text().strip() for p in secrets.rglob("*") if p.is_file() and p.suffix in (".secret", ".password")]
+    assert values, "fleet build made no secrets"
+    for p in secrets.rglob("*"):
+        assert (p.stat().st_mode & 0o077) == 0, f"{p} is readable by others"
+    texts = [m.read_text() for m in OUT.glob("*.manifest.json")] + [joined["build_log"]]
+    for v in values:
+        assert not any(v in t for t in texts)
+
+
+def test_storage_reimaged_keeps_its_data(joined):
+    """A fresh root on the NAS (re-install) finds its data disk and never formats it."""
+    probe, site, f = joined["probe"], joined["site"], str(joined["file"])
+    nas = next(n for n in site.nodes if n.role == "storage")
+    probe.ssh(nas, "echo kept-across-reimage | sudo tee /srv/nas/shared/reimage-check.txt >/dev/null && sync")
+    assert cli("fleet", "down", f, "-o", str(OUT), "--only", nas.name).returncode == 0
+    r = cli("fleet", "up", f, "-o", str(OUT), "--only", nas.name, "--reimage", nas.name)
+    assert r.returncode == 0, r.stderr[-2000:] + console(nas.name)
+    assert probe.ssh(nas, "cat /srv/nas/shared/reimage-check.txt").stdout == "kept-across-reimage\n"
+    log = probe.ssh(nas, "sudo journalctl -b -u sohocloud-firstboot --no-pager").stdout
+    assert "existing 'sc-data' filesystem kept" in log and "creating ext4" not in log
+    CHECKS["units"](probe)
+    CHECKS["nas-home"](probe)
