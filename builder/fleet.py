@@ -124,16 +124,15 @@ def find_providers(site: Site, profiles: dict[str, Profile]) -> dict[str, SiteNo
     for n in site.nodes:
         for svc in profiles[n.role].uses:
             if svc not in providers:
-                roles = sorted({r for r, p in profiles.items() if svc in p.provides}) or ["none loaded"]
+                roles = sorted({r for r, p in profiles.items() if svc in p.provides}) or ["none of the known roles"]
                 raise SohoError(f"site {site.name}: node {n.name} ({n.role}) uses '{svc}', but no node provides it "
                                 f"(add a node with one of the roles: {', '.join(roles)})")
     return providers
 
 
 def _cluster_block(c: SeedContext, role: str) -> dict[str, Any]:
-    block = {"engine": c.site.cluster.engine, "role": role, "node_role": c.node.role,
-             "manager": c.where("cluster"), "join_port": JOIN_PORT}
-    return block
+    return {"engine": c.site.cluster.engine, "role": role, "node_role": c.node.role,
+            "manager": c.where("cluster"), "join_port": JOIN_PORT}
 
 
 def _ldap_server(c: SeedContext) -> dict[str, Any]:
@@ -164,7 +163,7 @@ def _nas_server(c: SeedContext) -> dict[str, Any]:
 
 def _metrics_server(c: SeedContext) -> dict[str, Any]:
     targets = [{"fqdn": c.fqdn(n), "port": EXPORTER_PORT} for n in c.site.nodes
-               if "metrics" in c.profiles[n.role].uses]
+               if c.profiles[n.role].consumes("metrics")]
     return {"metrics_server": {"targets": targets}}
 
 
@@ -205,7 +204,7 @@ CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
 def service_sections(c: SeedContext) -> dict[str, Any]:
     profile = c.profiles[c.node.role]
     out: dict[str, Any] = {}
-    for svc in profile.uses:
+    for svc in profile.uses + tuple(s for s in profile.may_use if s in c.providers):
         out.update(CLIENT_SECTIONS[svc](c))
     for svc in profile.provides:  # the provider's own section wins (e.g. the manager's cluster block)
         out.update(PROVIDER_SECTIONS[svc](c))

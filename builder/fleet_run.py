@@ -63,7 +63,7 @@ def seat_address(site: Site) -> str:
 
 # Ports of the gateway's WAN address that `fleet test` probes from the WAN side:
 # QEMU user-net forwards 127.0.0.1:<20000+port> inside the site's namespace to them.
-WAN_PROBE_PORTS = (22, 53, 80, 443, 636, 2049, 7443, 9090, 9100)
+WAN_PROBE_PORTS = (22, 53, 80, 443, 636, 7443, 9090, 9100)
 
 
 def wan_probe_port(port: int) -> int:
@@ -184,6 +184,12 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
         with ThreadPoolExecutor(max(1, len(others))) as pool:
             for f in [pool.submit(boot, n) for n in others]:
                 f.result()
+        running = {name for name, n in state["nodes"].items() if _alive(n["pid"])}
+        if running >= {n.name for n in site.nodes}:
+            wait_settled(site, paths, BOOT_TIMEOUT * 2)
+        else:
+            log.info("fleet %s: not every node is up (%s missing): not waiting for the cluster join",
+                     site.name, ", ".join(sorted({n.name for n in site.nodes} - running)))
         return times
     except BaseException:
         for vm in vms.values():
@@ -196,6 +202,28 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
             ns.delete()
             paths.state.unlink(missing_ok=True)
         raise
+
+
+# firstboot's online phase says one of these on the console when a node is settled.
+SETTLED = ("sohocloud-firstboot: done (online phase)", "(both phases)")
+
+
+def wait_settled(site: Site, paths: FleetPaths, timeout: float) -> None:
+    """Until every node finished its online phase (joined the cluster, ...), read from the consoles."""
+    deadline = time.monotonic() + timeout
+    pending = {n.name for n in site.nodes}
+    while pending:
+        for name in sorted(pending):
+            console = paths.run / f"{name}.console.log"
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if any(marker in text for marker in SETTLED):
+                log.info("fleet %s: %s settled (first boot complete)", site.name, name)
+                pending.discard(name)
+        if pending and time.monotonic() > deadline:
+            raise SohoError(f"fleet {site.name}: {', '.join(sorted(pending))} did not finish first boot within "
+                            f"{timeout:.0f} s (console logs in {paths.run})")
+        if pending:
+            time.sleep(2)
 
 
 def _write_state(paths: FleetPaths, state: dict) -> None:

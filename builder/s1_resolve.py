@@ -232,7 +232,7 @@ def _check_profile(p: Profile, v: Validator, repo: Repo) -> None:
         parse_size(p.extra_root_free)
     except ValueError as exc:
         v.fail(("extra_root_free",), str(exc))
-    for key in ("provides", "uses"):
+    for key in ("provides", "uses", "may_use"):
         for i, svc in enumerate(getattr(p, key)):
             if svc not in SERVICES:
                 v.fail((key, i), f"unknown site service '{svc}' (known: {', '.join(SERVICES)})")

@@ -168,7 +168,11 @@ class Profile:
     # puts its address and the client credentials into the seeds of the nodes
     # that `use` it. Names: see builder/fleet.py SERVICES.
     provides: tuple[str, ...] = ()
-    uses: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()  # the site must have a provider (fleet build says so otherwise)
+    may_use: tuple[str, ...] = ()  # used when the site has a provider (e.g. a log sink)
+
+    def consumes(self, service: str) -> bool:
+        return service in self.uses or service in self.may_use
     # Membership of the site's container cluster.
     cluster: Literal["none", "manager", "worker"] = "none"
     # node: boots (kernel, firstboot, services); container: a userland for an OCI image.

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.boot
 
 def boot(image: Path, seed: Path, tmp: Path, name: str, disk: Path | None = None) -> tuple[VM, int]:
     port = free_port()
-    lan = seed_lan_address(seed, image_info(image))
+    # The image's default LAN address: a broken network-config is not applied (nor parseable here).
+    lan = seed_lan_address(None, image_info(image))
     vm = VM(image, [Nic("user"), user_lan(lan, port)], seed=seed, memory=512, disk=disk,
             serial_log=tmp / f"{name}.console.log", workdir=tmp / f"{name}.vm")
     vm.workdir.mkdir(exist_ok=True)
@@ -82,6 +83,6 @@ def test_qemu_killed_during_firstboot_next_boot_completes(router_image, test_key
         assert ssh(test_key, port, "hostname").stdout.strip() == "resumed"
         assert ssh(test_key, port, "cat /var/lib/sohocloud/firstboot.done").stdout.strip() == \
             files["meta-data"].split("instance-id: ")[1].split("\n")[0].strip()
-        assert ssh(test_key, port, "systemctl is-active sohocloud-firstboot").stdout.strip() == "active"
+        assert ssh(test_key, port, "sudo systemctl is-active sohocloud-firstboot").stdout.strip() == "active"
     finally:
         vm2.cleanup()

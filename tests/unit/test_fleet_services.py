@@ -113,7 +113,7 @@ def test_example_site_providers(site, profiles):
 
 @pytest.mark.parametrize("drop, expect", [
     ("nas", ("node ws1 (workstation-host) uses 'nas'", "no node provides it", "roles: storage")),
-    ("control", ("node gw (router) uses 'logs'", "no node provides it", "roles: control")),
+    ("control", ("node nas (storage) uses 'cluster'", "no node provides it", "roles: control")),
 ])
 def test_used_service_without_provider(site, profiles, drop, expect):
     """The error names the node, its role, the service and the roles that would provide it."""
