@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 from .errors import SohoError
 from .schema import Profile
 from .secrets import ensure_secret, issue_cert, make_ca, random_secret, wireguard_keypair, wireguard_public
-from .seed import render_seed, write_cidata
+from .seed import default_instance_id, render_seed, write_cidata
 from .site import Site, SiteNode
 
 log = logging.getLogger("sohocloud.fleet")
@@ -43,13 +44,15 @@ class SiteSecrets:
         """The node's key and certificate (server + client auth) from the site CA."""
         d = self.root / "nodes"
         key_path, cert_path = d / f"{node.name}.key", d / f"{node.name}.crt"
-        if not (key_path.is_file() and cert_path.is_file()):
-            # A lone key or certificate is useless: issue a fresh pair.
+        dns, ips = [node.name, f"{node.name}.{site.domain}"], [node.address]
+        if not (key_path.is_file() and cert_path.is_file()) or not cert_fits(cert_path.read_bytes(), self.ca()[1],
+                                                                             dns, ips):
+            # A lone key or certificate is useless, and one from another CA, for other
+            # names or about to expire is wrong: issue a fresh pair.
             key_path.unlink(missing_ok=True)
             cert_path.unlink(missing_ok=True)
             ca_key, ca_cert = self.ca()
-            key, cert = issue_cert(ca_key, ca_cert, node.name, dns=[node.name, f"{node.name}.{site.domain}"],
-                                   ips=[node.address])
+            key, cert = issue_cert(ca_key, ca_cert, node.name, dns=dns, ips=ips)
             ensure_secret(key_path, lambda: key)
             ensure_secret(cert_path, lambda: cert)
         return key_path.read_bytes(), cert_path.read_bytes()
@@ -65,6 +68,27 @@ class SiteSecrets:
     def user_password(self, user: str) -> str:
         """A person's initial password (SMB, and LDAP unless the site gives a hash): hand it to them."""
         return ensure_secret(self.root / "users" / f"{user}.password", random_secret).decode().strip()
+
+
+def cert_fits(cert_pem: bytes, ca_pem: bytes, dns: list[str], ips: list[str], margin_days: int = 30) -> bool:
+    """The node certificate is signed by this CA, names exactly these DNS names and IPs, and is not about to expire."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    cert, ca = x509.load_pem_x509_certificate(cert_pem), x509.load_pem_x509_certificate(ca_pem)
+    try:
+        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    except Exception:  # noqa: BLE001 - any failure means: not this CA's
+        return False
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names_ok = (sorted(san.get_values_for_type(x509.DNSName)) == sorted(dns)
+                and sorted(map(str, san.get_values_for_type(x509.IPAddress))) == sorted(str(ipaddress.ip_address(i))
+                                                                                        for i in ips))
+    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return names_ok and expires - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=margin_days)
 
 
 def ssha(password: str) -> str:
@@ -155,6 +179,7 @@ def _nas_server(c: SeedContext) -> dict[str, Any]:
                         "declare at least one under groups")
     return {"nas_server": {
         "lan": c.site.lan,
+        "clients": [n.address for n in c.site.nodes if c.profiles[n.role].consumes("nas")],
         "shared_group": {"name": c.site.groups[0].name, "gid": c.site.groups[0].gid},
         "backup_password": c.secrets.secret("restic"),
         "users": [{"name": u.name, "uid": u.uid, "smb_password": c.secrets.user_password(u.name)}
@@ -173,6 +198,7 @@ def _cluster_manager(c: SeedContext) -> dict[str, Any]:
                         if c.profiles[n.role].cluster != "none"}
     if c.site.cluster.engine == "k3s":
         block["k3s_token"] = c.secrets.secret("k3s-token")
+        block["k3s_agent_token"] = c.secrets.secret("k3s-agent-token")  # workers join as agents only
     return {"cluster": block}
 
 
@@ -276,8 +302,15 @@ def write_node_seed(site: Site, node: SiteNode, secrets: SiteSecrets, out_dir: P
     services = None
     if profiles is not None:
         services = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, site_text)
-    files = render_seed(node.name, list(site.admin_ssh_keys), network=node_network(site, node),
-                        sohocloud=node_settings(site, node, secrets, services))
+    settings = node_settings(site, node, secrets, services)
+    network = node_network(site, node)
+    # The instance-id (a new one re-provisions the node) ignores the site file's
+    # text in the git section: a comment or another node's edit is no re-install.
+    identity = json.loads(json.dumps(settings))
+    identity.get("git_server", {}).pop("site_file", None)
+    files = render_seed(node.name, list(site.admin_ssh_keys), network=network, sohocloud=settings,
+                        instance_id=default_instance_id(node.name, {"settings": identity, "network": network,
+                                                                    "keys": list(site.admin_ssh_keys)}))
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = write_cidata(files, out_dir / f"{node.name}.img")
     os.chmod(path, 0o600)  # it carries the node's private keys

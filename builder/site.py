@@ -21,7 +21,14 @@ from .yamlsrc import Origin, load_yaml
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-CRYPT_RE = re.compile(r"\$[0-9a-z]+\$[A-Za-z0-9./$=,-]+")
+CRYPT_RE = re.compile(r"\$[0-9a-z]+\$[A-Za-z0-9./$]+")  # the same form firstboot accepts ({CRYPT})
+# People and groups live above the image's own accounts (admin is 1000, service
+# accounts below): a person can never share an id with a local account.
+SITE_IDS = range(2000, 60000)
+# Local account and group names of the images: a person named like one would
+# shadow it through sssd.
+RESERVED_NAMES = frozenset({"root", "admin", "git", "syncthing", "nobody", "daemon", "openldap", "prometheus",
+                            "sudo", "staff", "users", "docker", "ssh", "systemd-journal"})
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,13 @@ def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list
     gids = {g.name: g.gid for g in site.groups}
     uids = {u.uid: u.name for u in site.users}
     for i, g in enumerate(site.groups):
-        if not 1000 <= g.gid < 60000:
-            v.fail(("groups", i, "gid"), f"expected a gid from 1000 to 59999, got {g.gid}")
+        if g.gid not in SITE_IDS:
+            v.fail(("groups", i, "gid"), f"expected a gid from {SITE_IDS.start} to {SITE_IDS.stop - 1} "
+                   f"(below are the images' own accounts), got {g.gid}")
+        if g.name in RESERVED_NAMES or not NAME_RE.match(g.name):
+            v.fail(("groups", i, "name"), f"{g.name!r} is reserved or not a lowercase name")
+        if sum(1 for x in site.groups if x.gid == g.gid or x.name == g.name) > 1:
+            v.fail(("groups", i), f"duplicate group name or gid ({g.name}, {g.gid})")
         if g.gid in uids:
             # Every person has a private group with gid == uid (Debian's scheme).
             v.fail(("groups", i, "gid"), f"gid {g.gid} is user {uids[g.gid]}'s uid (their private group)")
@@ -178,8 +190,15 @@ def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list
                    "(e.g. from `mkpasswd -m sha-512`), not a password")
         if not NAME_RE.match(user.name):
             v.fail(("users", i, "name"), f"expected a lowercase login name, got {user.name!r}")
-        if not 1000 <= user.uid < 60000:
-            v.fail(("users", i, "uid"), f"expected a uid from 1000 to 59999, got {user.uid}")
+        if user.uid not in SITE_IDS:
+            v.fail(("users", i, "uid"), f"expected a uid from {SITE_IDS.start} to {SITE_IDS.stop - 1} "
+                   f"(below are the images' own accounts), got {user.uid}")
+        if user.name in RESERVED_NAMES:
+            v.fail(("users", i, "name"), f"'{user.name}' is a local account or group of the images: choose another")
+        if sum(1 for x in site.users if x.uid == user.uid or x.name == user.name) > 1:
+            v.fail(("users", i), f"duplicate user name or uid ({user.name}, {user.uid})")
+        if user.name in gids:
+            v.fail(("users", i, "name"), f"'{user.name}' is also a group name (each person has a private group)")
         for j, g in enumerate(user.groups):
             if g not in gids:
                 v.fail(("users", i, "groups", j), f"unknown group '{g}' (declare it under groups)")

@@ -147,13 +147,18 @@ def write(rel: str, text: str | bytes, mode: int = 0o644, owner: str | None = No
     p = path(rel)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # Some targets sit in directories their service account owns: never follow
+    # a link planted there, never reuse a file someone else made.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(text.encode() if isinstance(text, str) else text)
         f.flush()
+        os.fchmod(f.fileno(), mode)
+        if os.geteuid() == 0 and (owner is not None or group is not None):
+            os.fchown(f.fileno(), -1 if owner is None else lookup_uid(owner),
+                      -1 if group is None else lookup_gid(group))
         os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    chown(tmp, owner, group)
     os.replace(tmp, p)
     return p
 

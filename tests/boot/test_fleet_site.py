@@ -127,3 +127,4 @@ def test_storage_reimaged_keeps_its_data(joined):
     assert "existing 'sc-data' filesystem kept" in log and "creating ext4" not in log
     CHECKS["units"](probe)
     CHECKS["nas-home"](probe)
+    CHECKS["cluster"](probe)  # rejoined; its old swarm entry gone or at least not in the way

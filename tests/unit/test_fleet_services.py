@@ -154,10 +154,10 @@ def test_control_ldap_server_holds_hashes_only(blocks, secrets):
     assert srv["admin_password_hash"].startswith("{SSHA}") and srv["nss_password_hash"].startswith("{SSHA}")
     assert ssha_matches(srv["admin_password_hash"], admin)
     assert ssha_matches(srv["nss_password_hash"], nss)
-    assert srv["groups"] == [{"name": "staff", "gid": 5000}]
+    assert srv["groups"] == [{"name": "office", "gid": 5000}]
     users = {u["name"]: u for u in srv["users"]}
     assert sorted(users) == ["alice", "bob"]
-    assert users["alice"]["uid"] == 2001 and users["alice"]["groups"] == ["staff"]
+    assert users["alice"]["uid"] == 2001 and users["alice"]["groups"] == ["office"]
     assert users["alice"]["home"] == "/nas/home/alice"  # the site has a NAS: homes live there
     for name, u in users.items():
         assert ssha_matches(u["password_hash"], read_secret(secrets, f"users/{name}.password"))
@@ -216,7 +216,7 @@ def test_k3s_token_only_in_the_managers_seed(site, profiles, secrets):
 def test_storage_nas_server(blocks, secrets):
     srv = blocks["nas"]["nas_server"]
     assert srv["lan"] == "10.44.0.0/24"
-    assert srv["shared_group"] == {"name": "staff", "gid": 5000}  # the site's first group
+    assert srv["shared_group"] == {"name": "office", "gid": 5000}  # the site's first group
     assert srv["backup_password"] == read_secret(secrets, "restic.secret")
     assert [(u["name"], u["uid"]) for u in srv["users"]] == [("alice", 2001), ("bob", 2002)]
     for u in srv["users"]:
@@ -290,9 +290,13 @@ def test_seed_is_deterministic(site, profiles, secrets, tmp_path):
     assert yaml.safe_load(files["user-data"])["sohocloud"] == seed_block(site, "control", profiles, secrets)
     iid = yaml.safe_load(files["meta-data"])["instance-id"]
     assert iid.startswith("control-") and len(iid) == len("control-") + 12
-    # The instance-id is a hash of the content: another site file, another id.
+    # The instance-id is a hash of the content, except the site file's own text (a comment edit
+    # must not re-provision control); a change that reaches the node's settings gives a new id.
     c = write_node_seed(site, node, secrets, tmp_path / "c", profiles=profiles, site_text=text + "# edit\n")
-    assert yaml.safe_load(read_cidata(c)["meta-data"])["instance-id"] != iid
+    assert yaml.safe_load(read_cidata(c)["meta-data"])["instance-id"] == iid
+    moved = dataclasses.replace(site, domain="elsewhere.lan")
+    d = write_node_seed(moved, moved.node("control"), secrets, tmp_path / "d", profiles=profiles, site_text=text)
+    assert yaml.safe_load(read_cidata(d)["meta-data"])["instance-id"] != iid
 
 
 def test_ssha_verifies_and_is_stable():

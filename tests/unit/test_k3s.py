@@ -83,7 +83,7 @@ def run_hook(root: Path, hook: Path, settings: dict) -> subprocess.CompletedProc
 
 
 MANAGER = {"engine": "k3s", "role": "manager", "node_role": "control", "join_port": 7443,
-           "k3s_token": "s3cr3t-token-0123456789abcdef",
+           "k3s_token": "s3cr3t-token-0123456789abcdef", "k3s_agent_token": "agent-token-0123456789abcdef",
            "manager": {"name": "control", "fqdn": "control.k.lan", "address": "10.44.0.2"}}
 
 
@@ -94,7 +94,10 @@ def test_k3s_server_config_is_private_and_complete(tmp_path: Path) -> None:
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
     data = json.loads(conf.read_text())  # JSON is YAML
     assert data == {"node-ip": "10.44.0.2", "node-label": ["sohocloud.role=control"], "write-kubeconfig-mode": "0600",
-                    "token": MANAGER["k3s_token"], "tls-san": ["control.k.lan"]}
+                    "token": MANAGER["k3s_token"], "agent-token": MANAGER["k3s_agent_token"],
+                    "tls-san": ["control.k.lan"]}
+    agent = tmp_path / "etc/sohocloud/k3s-agent-token"
+    assert agent.read_text() == MANAGER["k3s_agent_token"] + "\n" and stat.S_IMODE(agent.stat().st_mode) == 0o600
     assert MANAGER["k3s_token"] not in r.stderr + r.stdout
 
 

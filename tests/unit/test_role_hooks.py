@@ -220,8 +220,8 @@ def test_control_directory(control_root, seed):
         assert person["userPassword"][0].startswith("{SSHA}")
         private = data[f"cn={name},ou=groups,dc=example,dc=lan"]
         assert private["gidNumber"] == [uid] and "memberUid" not in private
-    staff = data["cn=staff,ou=groups,dc=example,dc=lan"]
-    assert staff["gidNumber"] == ["5000"] and staff["memberUid"] == ["alice", "bob"]
+    office = data["cn=office,ou=groups,dc=example,dc=lan"]
+    assert office["gidNumber"] == ["5000"] and office["memberUid"] == ["alice", "bob"]
     assert mode(control_root / "etc/ldap/slapd.d") == 0o750 and mode(control_root / "var/lib/ldap") == 0o750
     assert (control_root / "var/lib/ldap/.sohocloud-instance").read_text() == "x\n"
     key = control_root / "etc/ldap/tls/node.key"
@@ -322,9 +322,10 @@ def test_storage_exports_backup_password_and_syncthing(storage_root, seed):
     ok(run_hook(STORAGE, storage_root, block))
     exports = (storage_root / "etc/exports.d/sohocloud.exports").read_text().splitlines()
     assert exports[1:] == [
-        "/srv/nas 10.44.0.0/24(rw,fsid=0,crossmnt,no_subtree_check,root_squash,sec=sys)",
-        "/srv/nas/home 10.44.0.0/24(rw,sync,no_subtree_check,root_squash,sec=sys)",
-        "/srv/nas/shared 10.44.0.0/24(rw,sync,no_subtree_check,root_squash,sec=sys)",
+        # only the site's NAS client (ws1), not the whole LAN
+        "/srv/nas 10.44.0.10(rw,fsid=0,crossmnt,no_subtree_check,root_squash,sec=sys)",
+        "/srv/nas/home 10.44.0.10(rw,sync,no_subtree_check,root_squash,sec=sys)",
+        "/srv/nas/shared 10.44.0.10(rw,sync,no_subtree_check,root_squash,sec=sys)",
     ]
     restic = storage_root / "etc/sohocloud/restic.pass"
     assert restic.read_text() == block["nas_server"]["backup_password"] + "\n" and mode(restic) == 0o600
@@ -344,10 +345,10 @@ def test_storage_exports_backup_password_and_syncthing(storage_root, seed):
     assert not (storage_root / "etc/fstab").exists()  # no disks touched off a node
 
 
-@pytest.mark.parametrize("lan", ["10.44.0.0/24(rw,no_root_squash) *", "10.44.0.0/24(rw)", "office"])
-def test_storage_refuses_a_bad_lan(storage_root, seed, lan):
+@pytest.mark.parametrize("client", ["10.44.0.0/24(rw,no_root_squash) *", "10.44.0.10(rw)", "office"])
+def test_storage_refuses_a_bad_client(storage_root, seed, client):
     block = seed("nas")
-    block["nas_server"]["lan"] = lan
+    block["nas_server"]["clients"] = [client]
     p = run_hook(STORAGE, storage_root, block)
-    assert p.returncode != 0 and "nas_server.lan" in p.stderr
+    assert p.returncode != 0 and "nas_server.clients" in p.stderr
     assert not (storage_root / "etc/exports.d/sohocloud.exports").exists()

@@ -65,3 +65,24 @@ def test_secrets_are_0600_from_the_start_and_reused(tmp_path):
 def test_random_secret_entropy():
     values = {random_secret() for _ in range(50)}
     assert len(values) == 50 and all(len(v) >= 43 for v in values)
+
+
+def test_node_certificate_reissued_when_it_no_longer_fits(tmp_path):
+    """Same CA, same names: reused. New domain or address, or a new CA: a fresh certificate."""
+    import dataclasses
+
+    from builder.fleet import SiteSecrets, cert_fits
+    from builder.site import Site, SiteNode
+
+    node = SiteNode(name="control", role="control", address="10.44.0.2", mac="52:54:00:44:00:02")
+    site = Site(name="t", domain="t.lan", lan="10.44.0.0/24", admin_ssh_keys=("k",), nodes=(node,))
+    sec = SiteSecrets(tmp_path / "t")
+    _key, cert = sec.node_tls(site, node)
+    assert sec.node_tls(site, node)[1] == cert
+    moved = dataclasses.replace(site, domain="office.lan")
+    cert2 = sec.node_tls(moved, node)[1]
+    assert cert2 != cert and cert_fits(cert2, sec.ca()[1], ["control", "control.office.lan"], ["10.44.0.2"])
+    for p in (tmp_path / "t").glob("ca.*"):
+        p.unlink()
+    cert3 = sec.node_tls(moved, node)[1]
+    assert cert3 != cert2 and cert_fits(cert3, sec.ca()[1], ["control", "control.office.lan"], ["10.44.0.2"])

@@ -28,9 +28,9 @@ nodes:
   - {{name: ws1, role: workstation-host, address: 10.44.0.31, mac: "52:54:00:44:00:1f"}}
   - {{name: ws2, role: workstation-host, address: 10.44.0.32, mac: "52:54:00:44:00:20"}}
 groups:
-  - {{name: staff, gid: 3000}}
+  - {{name: office, gid: 3000}}
 users:
-  - {{name: alice, uid: 2001, groups: [staff]}}
+  - {{name: alice, uid: 2001, groups: [office]}}
 """
 
 
@@ -73,8 +73,8 @@ def test_unknown_node_is_a_clear_error(tmp_path):
     ("arch: arm64", "arch: mips", 9, r"nodes\[2\]\.arch: expected one of amd64, arm64"),
     ('mac: "52:54:00:44:00:1f"', 'mac: "52-54-00-44-00-1f"', 10, r"expected a lowercase MAC"),
     ("name: ws2", "name: WS_2", 11, r"expected a lowercase DNS label"),
-    ("uid: 2001", "uid: 20", 15, r"users\[0\]\.uid: expected a uid from 1000"),
-    ("groups: [staff]", "groups: [wheel]", 15, r"unknown group 'wheel'"),
+    ("uid: 2001", "uid: 20", 15, r"users\[0\]\.uid: expected a uid from 2000"),
+    ("groups: [office]", "groups: [wheel]", 15, r"unknown group 'wheel'"),
     ("lan: 10.44.0.0/24", "lan: 10.44.0.0/33", 3, r"lan: expected an IPv4 network"),
     ("domain: office.lan", "domian: office.lan", 2, r"unknown key 'domian'; did you mean 'domain'"),
 ])
