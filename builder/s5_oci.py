@@ -16,6 +16,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .cache import sha256_file
 from .proc import run
 from .schema import ContainerConfig
 from .s5_assemble import tree_size
@@ -28,14 +29,6 @@ def _tar(src: Path, out: Path, epoch: int, excludes: tuple[str, ...] = ()) -> No
     run(["tar", "--sort=name", "--numeric-owner", f"--mtime=@{epoch}", "--clamp-mtime", "--format=posix",
          "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
          *[f"--exclude={x}" for x in excludes], "-C", str(src), "-cf", str(out), "."])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _blob(blobs: Path, data: bytes) -> tuple[str, int]:
@@ -63,13 +56,13 @@ def write_oci_archive(root: Path, artefact: Path, container: ContainerConfig, ar
     blobs.mkdir(parents=True)
     layer_tar = work / "layer.tar"
     _tar(root, layer_tar, epoch, LAYER_EXCLUDES)
-    diff_id = _sha256(layer_tar)
+    diff_id = sha256_file(layer_tar)
     layer_gz = work / "layer.tar.gz"
     with open(layer_tar, "rb") as src, open(layer_gz, "wb") as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=epoch) as gz:
             shutil.copyfileobj(src, gz, 1 << 20)
     layer_tar.unlink()
-    layer_digest = _sha256(layer_gz)
+    layer_digest = sha256_file(layer_gz)
     layer_size = layer_gz.stat().st_size
     os.replace(layer_gz, blobs / layer_digest)
 
