@@ -13,9 +13,11 @@ from . import __version__
 from .cache import StageCache, digest, sha256_file
 from .errors import SohoError
 from .s1_resolve import BuildConfig
-from .s2_rootfs import build_bootfiles, build_rootfs, extract_tar, rootfs_inputs, source_date_epoch
+from .s2_rootfs import (build_bootfiles, build_kernel, build_rootfs, extract_tar, kernel_inputs, rootfs_inputs,
+                        source_date_epoch)
 from .s3_customise import customise, customise_inputs
-from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel
+from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel, install_kernel, kernel_members
+from .proc import run
 from .s5_assemble import (BOOTLOADERS, identity, make_esp, make_ext4, plan_layout, sfdisk_script,
                           to_qcow2, tree_size, write_disk)
 from .s5_oci import write_oci_archive
@@ -43,6 +45,9 @@ def build_inputs(cfg: BuildConfig) -> dict[str, str]:
     """Every input of the artefact, by name (what --explain compares)."""
     inputs = {f"rootfs:{k}": v for k, v in rootfs_inputs(cfg).items()}
     inputs.update({f"customise:{k}": v for k, v in customise_inputs(cfg).items()})
+    if cfg.target.kind == "node":
+        inputs.update({f"kernel:{k}": v for k, v in kernel_inputs(cfg).items()})
+        inputs["kernel-modules"] = digest(sorted(cfg.kernel_module_paths()))
     inputs["initrd"] = digest([list(cfg.target.initrd_modules), INIT_SCRIPT.read_text(),
                                sorted(cfg.arch_spec.boot_packages)])
     inputs["assemble"] = digest([repr(cfg.target), repr(cfg.profile.container), repr(cfg.profile.disks)])
@@ -81,8 +86,11 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
     rootfs = build_rootfs(cfg, cache, use_cache=use_cache)
     log.info("rootfs: %s (%s)", "reused cache" if rootfs.reused else "built", rootfs.key[:12])
     stages = {"rootfs": {"key": rootfs.key, "reused": rootfs.reused}}
-    bootfiles = None
+    bootfiles = kernel = None
     if cfg.target.kind == "node":
+        kernel = build_kernel(cfg, cache, use_cache=use_cache)
+        log.info("kernel: %s (%s)", "reused cache" if kernel.reused else "built", kernel.key[:12])
+        stages["kernel"] = {"key": kernel.key, "reused": kernel.reused}
         bootfiles = build_bootfiles(cfg, cache, use_cache=use_cache)
         log.info("bootfiles: %s (%s)", "reused cache" if bootfiles.reused else "built", bootfiles.key[:12])
         stages["bootfiles"] = {"key": bootfiles.key, "reused": bootfiles.reused}
@@ -96,6 +104,15 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
         if bootfiles is not None:
             extract_tar(bootfiles.path, boot)
         facts = customise(cfg, root, ident)
+        if kernel is not None:
+            names = run(["tar", "-tf", kernel.path], capture=True).stdout.splitlines()
+            wanted = work / "kernel.members"
+            wanted.write_text("\n".join(kernel_members(names, cfg.kernel_module_paths())) + "\n")
+            (work / "kernel").mkdir()
+            run(["tar", "--numeric-owner", "--no-recursion", "-xpf", kernel.path, "-C", work / "kernel",
+                 "-T", wanted])
+            facts["packages"].update(install_kernel(root, work / "kernel", cfg.kernel_module_paths()))
+            facts["packages"] = dict(sorted(facts["packages"].items()))
         log.info("customise: done (%d packages)", len(facts["packages"]))
         if cfg.target.kind == "node":
             out_facts = _assemble_disk(cfg, root, boot, work, artefact, ident, epoch)
@@ -149,7 +166,7 @@ def _assemble_disk(cfg: BuildConfig, root: Path, boot: Path, work: Path, artefac
     for p in (root / "boot").glob("*"):
         p.unlink()
 
-    cmdline = f"root=UUID={ident['root_fs_uuid']} {cfg.target.cmdline}"
+    cmdline = " ".join(w for w in (f"root=UUID={ident['root_fs_uuid']}", cfg.target.cmdline, cfg.arch_spec.cmdline) if w)
     root_bytes = tree_size(root)
     root_size = (root_bytes + root_bytes // 10 + parse_size(cfg.target.root_free)
                  + parse_size(cfg.profile.extra_root_free))

@@ -89,9 +89,9 @@ class BuildConfig:
         return f"{self.role}-{self.distro}-{self.arch}-{self.target_name}"
 
     def all_packages(self) -> tuple[str, ...]:
+        """What mmdebstrap installs: the role's and target's packages. The kernel is not
+        among them: it is extracted natively (stage 2, build_kernel), never configured."""
         pkgs = list(self.profile.packages) + list(self.target.packages)
-        if self.arch_spec.kernel_package:
-            pkgs.append(self.arch_spec.kernel_package)
         return tuple(dict.fromkeys(pkgs))
 
     def kernel_module_paths(self) -> tuple[str, ...]:

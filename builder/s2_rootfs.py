@@ -1,10 +1,17 @@
 """Stage 2 — rootfs: the distro backend makes the base tree (as a tar).
 
 Debian: one mmdebstrap run.  What keeps it fast:
-- no recommends; docs/man/locales and every kernel module outside the
-  target's set are never unpacked (dpkg path-exclude);
-- INITRD=No: the kernel's postinst does not run mkinitramfs (stage 4 builds
-  a small initrd natively, which matters most for emulated arm64);
+- no recommends; docs/man/locales are never unpacked (dpkg path-exclude);
+- the kernel is not installed there at all: build_kernel extracts its package
+  natively (no postinst, no emulated depmod or decompression), and stage 4
+  copies in only the modules the target and role list, then runs the host's
+  depmod (it reads foreign-arch modules alike). The rootfs thus does not
+  depend on the target: an arm64 role's tree serves qemu, rpi4 and rock64;
+- foreign arch (qemu-user): dpkg's hot helpers run as native code during the
+  install (builder/native/: dpkg-deb's decompression, dpkg-split's probe, rm,
+  basename via a static busybox of the host's arch), and two pure wastes are
+  skipped (host keys the image never keeps, byte-compiling that compile_python
+  does natively afterwards). They live in /.sohocloud-native for the install only;
 - the shared package cache is hard-linked in and out, so a rebuild downloads
   no .deb (a bind mount would let mmdebstrap's error cleanup empty the cache).
 """
@@ -15,10 +22,12 @@ import logging
 import os
 import shlex
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
-from .cache import StageCache, StageResult, digest, locked
+from .cache import StageCache, StageResult, digest, hash_tree, locked
+from .errors import SohoError
 from .progress import step
 from .proc import run
 from .s1_resolve import BuildConfig
@@ -30,17 +39,6 @@ MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 
 def mmdebstrap_version() -> str:
     return run(["mmdebstrap", "--version"], capture=True).stdout.strip()
-
-
-def module_dpkg_patterns(module_paths: tuple[str, ...]) -> list[str]:
-    """dpkg path filters keeping only the listed subtrees of /lib/modules/*/kernel."""
-    opts = ["path-exclude=/lib/modules/*/kernel/*"]
-    for rel in module_paths:
-        rel = rel.strip("/")
-        opts.append(f"path-include=/lib/modules/*/kernel/{rel}")
-        if not rel.endswith(".ko"):
-            opts.append(f"path-include=/lib/modules/*/kernel/{rel}/*")
-    return opts
 
 
 def apt_sources(d) -> list[str]:
@@ -61,13 +59,41 @@ def rootfs_inputs(cfg: BuildConfig) -> dict[str, str]:
         "arch": cfg.arch,
         "packages": digest(sorted(cfg.all_packages())),
         "dpkg-filters": digest([cfg.profile.dpkg_exclude, cfg.profile.dpkg_include]),
-        "kernel-modules": digest(sorted(cfg.kernel_module_paths())),
         "backend": digest([mmdebstrap_version(), _code_hash()]),
     }
 
 
 def _code_hash() -> str:
-    return digest(Path(__file__).read_text())
+    return digest([Path(__file__).read_text(), hash_tree(NATIVE_HELPERS)])
+
+
+NATIVE_HELPERS = Path(__file__).with_name("native")
+NATIVE_DIR = "/.sohocloud-native"  # inside the tree during the install only
+NATIVE_APPLETS = ("rm", "basename")  # busybox applets that stand in for coreutils there
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+
+
+def is_foreign(arch: str) -> bool:
+    return arch != HOST_ARCH
+
+
+def check_foreign_arch(arch: str) -> None:
+    """A foreign-arch build needs qemu-user registered with binfmt_misc: say so before any work."""
+    if not is_foreign(arch):
+        return
+    qemu = {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch)
+    entry = Path("/proc/sys/fs/binfmt_misc") / f"qemu-{qemu}"
+    if not Path("/proc/sys/fs/binfmt_misc/status").exists():
+        raise SohoError(f"building for {arch} on {HOST_ARCH} needs binfmt_misc, which is not mounted: "
+                        "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc (make deps does this)")
+    if not entry.is_file() or "enabled" not in entry.read_text().splitlines()[0]:
+        raise SohoError(f"building for {arch} on {HOST_ARCH} needs qemu-user for {qemu} registered with binfmt_misc "
+                        f"(no enabled {entry}): apt-get install qemu-user-static binfmt-support && "
+                        f"update-binfmts --enable qemu-{qemu} (make deps does this)")
+    flags = next((ln.split()[1] for ln in entry.read_text().splitlines() if ln.startswith("flags:")), "")
+    if "F" not in flags:
+        raise SohoError(f"{entry}: registered without the F (fix binary) flag, so it cannot run inside a chroot; "
+                        "use Debian's qemu-user-static, which registers it with F")
 
 
 def _cache_hooks(pkg_cache: Path, *, sync_out_hook: str) -> list[str]:
@@ -86,18 +112,32 @@ def _cache_hooks(pkg_cache: Path, *, sync_out_hook: str) -> list[str]:
     return [f"--setup-hook={link_in}", f"{sync_out_hook}={link_out}"]
 
 
-def _mmdebstrap(cfg: BuildConfig, cache: StageCache, out: Path, *, variant: str, packages: tuple[str, ...],
-                extra: list[str]) -> None:
-    d = cfg.profile.distro
-    pkg_cache = cache.packages(d.name, d.suite, cfg.arch)
+def _native_helper_opts(helpers: Path) -> list[str]:
+    """mmdebstrap options that put builder/native (+ a host busybox) first on dpkg's PATH for
+    the install, and take them out again before the tree is packed."""
+    src = shlex.quote(str(helpers))
+    links = " ".join(f'ln -s busybox "$1{NATIVE_DIR}/{a}";' for a in NATIVE_APPLETS)
+    return [
+        f'--extract-hook=mkdir -p "$1{NATIVE_DIR}" && cp -a {src}/. "$1{NATIVE_DIR}/" && {links} true',
+        f'--aptopt=DPkg::Path "{NATIVE_DIR}:/usr/sbin:/usr/bin:/sbin:/bin"',
+        f'--customize-hook=rm -rf "$1{NATIVE_DIR}"',
+    ]
+
+
+def _mmdebstrap(d, arch: str, cache: StageCache, out: Path, *, variant: str, packages: tuple[str, ...],
+                extra: list[str], fmt: str = "tar", native: Path | None = None) -> None:
+    """One mmdebstrap run for distro *d* and *arch*; *native*: a helper dir (see _native_helper_opts)."""
+    pkg_cache = cache.packages(d.name, d.suite, arch)
     # The extract variant runs no customize hooks: sync the cache out after extracting.
     sync_hook = "--extract-hook" if variant == "extract" else "--customize-hook"
+    if native is not None:
+        extra = extra + _native_helper_opts(native)
     cmd = [
         "mmdebstrap",
         f"--variant={variant}",
         "--mode=root",
-        "--format=tar",
-        f"--architectures={cfg.arch}",
+        f"--format={fmt}",
+        f"--architectures={arch}",
         f"--components={','.join(d.components)}",
         "--skip=essential/unlink",
         "--aptopt=APT::Install-Recommends \"false\"",
@@ -110,6 +150,8 @@ def _mmdebstrap(cfg: BuildConfig, cache: StageCache, out: Path, *, variant: str,
         *apt_sources(d),
     ]
     env = {"INITRD": "No", "TMPDIR": str(cache.tmp), "SOURCE_DATE_EPOCH": source_date_epoch()}
+    if native is not None:  # mmdebstrap's own dpkg --install of the essential set uses this PATH
+        env["PATH"] = f"{NATIVE_DIR}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     # One mmdebstrap per package cache at a time: apt's lists are shared.
     with locked(pkg_cache / ".lock"):
         suites = [line.split()[2] for line in apt_sources(d)]
@@ -149,17 +191,119 @@ def build_rootfs(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True)
         p = cfg.profile
         extra = [f"--dpkgopt=path-exclude={x}" for x in p.dpkg_exclude]
         extra += [f"--dpkgopt=path-include={x}" for x in p.dpkg_include]
-        extra += [f"--dpkgopt={x}" for x in module_dpkg_patterns(cfg.kernel_module_paths())]
         if MERGED_USR_HOOKS.is_dir():
             extra.append(f"--hook-dir={MERGED_USR_HOOKS}")
-        with step(f"rootfs: mmdebstrap {p.distro.suite} {cfg.arch}, {len(cfg.all_packages())} packages"):
-            _mmdebstrap(cfg, cache, out, variant=p.distro.variant, packages=cfg.all_packages(), extra=extra)
+        native = None
+        if is_foreign(cfg.arch):
+            check_foreign_arch(cfg.arch)
+            native = _native_helpers(cfg, cache, use_cache=use_cache)
+        how = " (qemu-user, native helpers)" if native else ""
+        with step(f"rootfs: mmdebstrap {p.distro.suite} {cfg.arch}{how}, {len(cfg.all_packages())} packages"):
+            _mmdebstrap(p.distro, cfg.arch, cache, out, variant=p.distro.variant, packages=cfg.all_packages(),
+                        extra=extra, native=native)
+        if native:
+            with step("rootfs: byte-compiling Python natively"):
+                _compile_python_in_tar(out, cache)
 
     return cache.produce("rootfs", key, "rootfs.tar", inputs, make, use_cache=use_cache)
 
 
+def _native_helpers(cfg: BuildConfig, cache: StageCache, *, use_cache: bool) -> Path:
+    """builder/native plus a static busybox of the host's arch (from Debian's busybox-static), in a cache dir."""
+    d = cfg.profile.distro
+    inputs = {"distro": digest(apt_sources(d)), "arch": HOST_ARCH, "helpers": hash_tree(NATIVE_HELPERS)}
+    key = digest(inputs)
+
+    def make(out: Path) -> None:
+        with step(f"native helpers: busybox-static for {HOST_ARCH}"):
+            _mmdebstrap(d, HOST_ARCH, cache, out, variant="extract", packages=("busybox-static",), extra=[])
+
+    tar = cache.produce("native", key, "busybox.tar", inputs, make, use_cache=use_cache)
+    helpers = tar.path.parent / "helpers"
+    if not (helpers / "busybox").is_file():
+        tmp = tar.path.parent / ".helpers.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        run(["tar", "-xf", tar.path, "-C", tmp, "./bin/busybox"])
+        shutil.copytree(NATIVE_HELPERS, tmp / "h", symlinks=True)
+        os.replace(tmp / "bin/busybox", tmp / "h/busybox")
+        os.replace(tmp / "h", helpers)
+        shutil.rmtree(tmp)
+    return helpers
+
+
+def _compile_python_in_tar(tar: Path, cache: StageCache) -> None:
+    """Byte-compile dist-packages (what py3compile would have done) with the host's Python, when it is
+    the image's version: bytecode is the same on every CPU. Rewrites the tar in place."""
+    import sys
+
+    work = Path(tempfile.mkdtemp(prefix="pyc.", dir=cache.tmp))
+    try:
+        extract_tar(tar, work)
+        from .s3_customise import image_python_tag
+
+        tag = image_python_tag(work)
+        if tag != sys.implementation.cache_tag:
+            log.info("rootfs: image Python %s differs from ours (%s): dist-packages stay uncompiled", tag,
+                     sys.implementation.cache_tag)
+            return
+        import compileall
+
+        for rel in ("usr/lib/python3/dist-packages",):
+            d = work / rel
+            if d.is_dir():
+                compileall.compile_dir(str(d), quiet=1, stripdir=str(work), prependdir="/", workers=2)
+        tmp = tar.with_name(tar.name + ".tmp")
+        run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
+             f"--mtime=@{source_date_epoch()}", "--clamp-mtime", "-cf", tmp, "-C", work, "."])
+        os.replace(tmp, tar)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def kernel_inputs(cfg: BuildConfig) -> dict[str, str]:
+    return {
+        "distro": digest(apt_sources(cfg.profile.distro)),
+        "arch": cfg.arch,
+        "package": cfg.arch_spec.kernel_package,
+        "backend": _code_hash(),
+    }
+
+
+# Run on the host in mmdebstrap's extract hook: keep the kernel's own files and
+# what apt chose (name, version) for the manifest. Nothing of the package runs.
+_KERNEL_HOOK = r"""set -e
+r="$1"; out={out}
+mkdir -p "$out/boot" "$out/lib/modules" "$out/usr/lib"
+cp -a "$r"/boot/vmlinuz-* "$r"/boot/config-* "$out/boot/"
+cp -a "$r"/lib/modules/. "$out/lib/modules/"
+for d in "$r"/usr/lib/linux-image-*; do if [ -d "$d" ]; then cp -a "$d" "$out/usr/lib/"; fi; done
+for p in {package} $(ls "$r/lib/modules" | sed 's/^/linux-image-/'); do
+  APT_CONFIG="$MMDEBSTRAP_APT_CONFIG" apt-cache show --no-all-versions "$p" | grep -E '^(Package|Version):'
+done > "$out/packages"
+"""
+
+
+def build_kernel(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True) -> StageResult:
+    """The target's kernel package, extracted natively (kernel, modules, DTBs) into a tar."""
+    inputs = kernel_inputs(cfg)
+    key = digest(inputs)
+
+    def make(out: Path) -> None:
+        staging = out.with_name("kernel")
+        staging.mkdir()
+        hook = _KERNEL_HOOK.format(out=shlex.quote(str(staging)), package=shlex.quote(cfg.arch_spec.kernel_package))
+        with step(f"kernel: extracting {cfg.arch_spec.kernel_package} ({cfg.arch})"):
+            _mmdebstrap(cfg.profile.distro, cfg.arch, cache, Path("/dev/null"), variant="extract", fmt="null",
+                        packages=(cfg.arch_spec.kernel_package,), extra=[f"--extract-hook={hook}"])
+            run(["tar", "--numeric-owner", "-cf", out, "-C", staging, "."])
+        shutil.rmtree(staging)
+
+    return cache.produce("kernel", key, "kernel.tar", inputs, make, use_cache=use_cache)
+
+
 def build_bootfiles(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True) -> StageResult:
-    """Boot-time blobs (UEFI loader, static busybox) extracted, never installed or emulated."""
+    """Boot-time blobs (UEFI loader, static busybox, board firmware) extracted, never installed or emulated."""
     inputs = {
         "distro": digest(apt_sources(cfg.profile.distro)),
         "arch": cfg.arch,
@@ -170,7 +314,8 @@ def build_bootfiles(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = Tr
 
     def make(out: Path) -> None:
         with step(f"bootfiles: extracting {', '.join(cfg.arch_spec.boot_packages)}"):
-            _mmdebstrap(cfg, cache, out, variant="extract", packages=cfg.arch_spec.boot_packages, extra=[])
+            _mmdebstrap(cfg.profile.distro, cfg.arch, cache, out, variant="extract",
+                        packages=cfg.arch_spec.boot_packages, extra=[])
 
     return cache.produce("bootfiles", key, "boot.tar", inputs, make, use_cache=use_cache)
 

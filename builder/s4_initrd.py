@@ -10,6 +10,7 @@ arch-independent to build, and built in well under a second.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -40,6 +41,76 @@ def find_kernel(root: Path) -> Kernel:
     if not vmlinuz.is_file():
         raise SohoError(f"kernel image {vmlinuz} missing")
     return Kernel(version, vmlinuz, mods[0])
+
+
+def module_selected(rel: str, patterns: tuple[str, ...]) -> bool:
+    """Is kernel/<rel> inside one of the listed subtrees (globs like arch/*/crypto/chacha*)?"""
+    return any(fnmatch.fnmatchcase(rel, p.strip("/")) or fnmatch.fnmatchcase(rel, p.strip("/") + "/*")
+               for p in patterns)
+
+
+def kernel_members(names: list[str], module_paths: tuple[str, ...]) -> list[str]:
+    """Members of the kernel stage's tar to unpack: all but the modules outside the listed subtrees."""
+    out = []
+    for name in names:
+        parts = name.removeprefix("./").split("/")
+        if parts[:2] == ["lib", "modules"] and len(parts) > 4 and parts[3] == "kernel":
+            if not module_selected("/".join(parts[4:]), module_paths):
+                continue
+        out.append(name)
+    return out
+
+
+def install_kernel(root: Path, kernel_tree: Path, module_paths: tuple[str, ...]) -> dict[str, str]:
+    """Put the natively extracted kernel into the image tree: the kernel image, the
+    modules below the listed subtrees of kernel/ (nothing else is ever copied), the
+    module indexes, DTBs; then the host's depmod. Returns {package: version}."""
+    import shutil
+
+    from .proc import run
+
+    mods = sorted((kernel_tree / "lib/modules").iterdir())
+    if len(mods) != 1:
+        raise SohoError(f"expected exactly one kernel in the kernel package, found {[m.name for m in mods]}")
+    version = mods[0].name
+    dest = root / "lib/modules" / version  # /lib is /usr/lib in a merged-/usr tree
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in mods[0].iterdir():
+        if f.is_file():
+            shutil.copy2(f, dest / f.name)
+    src_kernel = mods[0] / "kernel"
+    count = 0
+    for dirpath, _dirs, files in os.walk(src_kernel):
+        for name in files:
+            p = Path(dirpath) / name
+            rel = p.relative_to(src_kernel).as_posix()
+            if module_selected(rel, module_paths):
+                (dest / "kernel" / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, dest / "kernel" / rel)
+                count += 1
+    (root / "boot").mkdir(exist_ok=True)
+    for f in (kernel_tree / "boot").iterdir():
+        shutil.copy2(f, root / "boot" / f.name)
+    dtbs = kernel_tree / "usr/lib" / f"linux-image-{version}"
+    if dtbs.is_dir():
+        shutil.copytree(dtbs, root / "usr/lib" / dtbs.name, dirs_exist_ok=True)
+    run(["depmod", "-b", root, version])
+    log.info("kernel: %s, %d modules", version, count)
+    return parse_package_versions((kernel_tree / "packages").read_text())
+
+
+def parse_package_versions(text: str) -> dict[str, str]:
+    """`Package:`/`Version:` line pairs -> {package: version}."""
+    out, name = {}, None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Package":
+            name = value.strip()
+        elif key == "Version" and name:
+            out[name] = value.strip()
+    return out
 
 
 def _modname(path: str) -> str:

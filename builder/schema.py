@@ -214,6 +214,7 @@ class ArchSpec:
     efi_loader: str = ""  # path of the UEFI loader inside the boot-package tree
     efi_fallback: str = ""  # where firmware looks for it on the ESP
     busybox: str = ""  # static busybox inside the boot-package tree (for the initrd)
+    cmdline: str = ""  # kernel command line words of this arch (its serial console, say), after the target's
     qemu: QemuSpec | None = None
 
 

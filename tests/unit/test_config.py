@@ -82,7 +82,9 @@ def test_router_packages_merge_role_and_layers(router) -> None:
     # base first, then hardened, then the role
     assert pkgs.index("systemd") < pkgs.index("apparmor") < pkgs.index("dnsmasq")
     allp = router.all_packages()
-    assert allp[-1] == "linux-image-amd64" and "dnsmasq" in allp
+    # The kernel is extracted natively (stage 2 build_kernel), never installed by mmdebstrap.
+    assert "linux-image-amd64" not in allp and "dnsmasq" in allp
+    assert router.arch_spec.kernel_package == "linux-image-amd64"
 
 
 def test_router_ip_forward_exception_with_reason(router) -> None:
@@ -230,9 +232,12 @@ def test_unknown_arch_argument(repo: Path) -> None:
 
 
 def test_arch_not_in_target(repo: Path) -> None:
+    f = repo / "images/qemu.yaml"
+    text = f.read_text()
+    f.write_text(text[:text.index("\n  arm64:\n")] + text[text.index("\n# NIC n"):])  # an amd64-only target
     msg = config_error(repo, arch="arm64")
     assert str(repo / "images/qemu.yaml") in msg
-    assert "arches" in msg and "'arm64'" in msg and "amd64" in msg
+    assert "arches" in msg and "'arm64'" in msg
 
 
 def test_unknown_arch_in_target_file(repo: Path) -> None:
