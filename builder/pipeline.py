@@ -18,8 +18,8 @@ from .s2_rootfs import (build_bootfiles, build_kernel, build_rootfs, extract_tar
 from .s3_customise import customise, customise_inputs
 from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel, install_kernel, kernel_members
 from .proc import run
-from .s5_assemble import (BOOTLOADERS, identity, make_esp, make_ext4, plan_layout, sfdisk_script,
-                          to_qcow2, tree_size, write_disk)
+from .s5_assemble import (BOOTLOADERS, GPT_TAIL, board_boot_files, fat_uuid, identity, make_esp, make_ext4,
+                          place_blobs, plan_layout, sfdisk_script, to_img_xz, to_qcow2, tree_size, write_disk)
 from .s5_oci import write_oci_archive
 from .s6_manifest import manifest_path, read_manifest, recorded_sha256, update_sha256sums, write_json_atomic
 from .progress import step
@@ -37,8 +37,13 @@ class BuildResult:
 
 
 def artefact_path(cfg: BuildConfig, out_dir: Path) -> Path:
-    ext = {"qcow2": "qcow2", "oci": "tar"}[cfg.target.outputs[0]]
+    ext = {"qcow2": "qcow2", "img.xz": "img.xz", "oci": "tar"}[cfg.target.outputs[0]]
     return out_dir / f"{cfg.slug}.{ext}"
+
+
+def bmap_path(artefact: Path) -> Path:
+    """`<slug>.img.bmap` next to `<slug>.img.xz` (where bmaptool looks for it)."""
+    return artefact.with_name(artefact.name.removesuffix(".xz").removesuffix(".img") + ".img.bmap")
 
 
 def build_inputs(cfg: BuildConfig) -> dict[str, str]:
@@ -95,7 +100,7 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
         log.info("bootfiles: %s (%s)", "reused cache" if bootfiles.reused else "built", bootfiles.key[:12])
         stages["bootfiles"] = {"key": bootfiles.key, "reused": bootfiles.reused}
 
-    ident = identity(key)
+    ident = identity(key, tuple(p.name for p in cfg.target.partitions))
     epoch = int(source_date_epoch())
     work = Path(tempfile.mkdtemp(prefix=f"{cfg.slug}.", dir=cache.tmp))
     try:
@@ -115,7 +120,7 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
             facts["packages"] = dict(sorted(facts["packages"].items()))
         log.info("customise: done (%d packages)", len(facts["packages"]))
         if cfg.target.kind == "node":
-            out_facts = _assemble_disk(cfg, root, boot, work, artefact, ident, epoch)
+            out_facts = _assemble_disk(cfg, root, boot, work / "kernel", work, artefact, ident, epoch)
         else:
             with step(f"assemble: OCI archive {artefact.name}"):
                 out_facts = write_oci_archive(root, artefact, cfg.profile.container, cfg.arch, cfg.slug,
@@ -147,54 +152,99 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
         manifest["sizes"]["artefact_bytes"] = artefact.stat().st_size
         mpath = manifest_path(artefact)
         write_json_atomic(mpath, manifest)
-        update_sha256sums(out_dir, [artefact, mpath])
+        extra = [bmap_path(artefact)] if "bmap" in manifest else []
+        update_sha256sums(out_dir, [artefact, mpath, *extra])
         log.info("built %s (%.1f MiB) in %.1f s", artefact, artefact.stat().st_size / 2**20, seconds)
         return BuildResult(artefact, mpath, seconds, False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _assemble_disk(cfg: BuildConfig, root: Path, boot: Path, work: Path, artefact: Path, ident: dict[str, str],
-                   epoch: int) -> dict:
-    """Kernel + our initrd on a UEFI ESP, the tree as ext4, GPT, qcow2. Returns manifest facts."""
+def seed_location(t) -> dict:
+    """Where a card's seed files go: the partition mounted above the target's seed_dir, and the
+    folder on it (e.g. boot + sohocloud for /boot/firmware/sohocloud)."""
+    for p in t.partitions:
+        if t.seed_dir and p.mount and (t.seed_dir + "/").startswith(p.mount.rstrip("/") + "/"):
+            return {"seed_dir": t.seed_dir,
+                    "seed_partition": {"name": p.name, "folder": t.seed_dir[len(p.mount.rstrip("/")) + 1:]}}
+    return {}
+
+
+def _assemble_disk(cfg: BuildConfig, root: Path, boot: Path, kernel_tree: Path, work: Path, artefact: Path,
+                   ident: dict[str, str], epoch: int) -> dict:
+    """Kernel + our initrd on the ESP (systemd-boot) or the board's boot partition (its firmware
+    or U-Boot reads the files there), the tree as ext4, GPT or MBR, raw boot loader blobs at
+    their sectors; then qcow2, or .img.xz + .bmap. Returns manifest facts."""
+    t = cfg.target
     kernel = find_kernel(root)
     initrd = work / "initrd.img"
-    initrd_facts = build_initrd(root, boot, cfg.arch_spec.busybox, list(cfg.target.initrd_modules), initrd, epoch)
-    # The kernel lives on the ESP; the root keeps its modules only.
+    initrd_facts = build_initrd(root, boot, cfg.arch_spec.busybox, list(t.initrd_modules), initrd, epoch)
+    # The kernel lives on the ESP / boot partition; the root keeps its modules only.
     vmlinuz = work / "vmlinuz"
     shutil.copyfile(kernel.vmlinuz, vmlinuz)
     for p in (root / "boot").glob("*"):
-        p.unlink()
+        if p.is_file() or p.is_symlink():
+            p.unlink()
 
-    cmdline = " ".join(w for w in (f"root=UUID={ident['root_fs_uuid']}", cfg.target.cmdline, cfg.arch_spec.cmdline) if w)
+    cmdline = " ".join(w for w in (f"root=UUID={ident['root_fs_uuid']}", t.cmdline, cfg.arch_spec.cmdline) if w)
     root_bytes = tree_size(root)
-    root_size = (root_bytes + root_bytes // 10 + parse_size(cfg.target.root_free)
+    root_size = (root_bytes + root_bytes // 10 + parse_size(t.root_free)
                  + parse_size(cfg.profile.extra_root_free))
     images = {}
-    for part in cfg.target.partitions:
+    boot_facts = {"kernel": "/" + t.kernel_file, "initrd": "/" + t.initrd_file, "cmdline": cmdline}
+    for part in t.partitions:
         img = work / f"{part.name}.img"
         if part.fs == "ext4":
             make_ext4(root, img, (root_size + (1 << 20) - 1) // (1 << 20) * (1 << 20),
                       ident["root_fs_uuid"], part.name, epoch)
-        elif part.type == "esp":
-            files = BOOTLOADERS[cfg.target.bootloader](
+        elif part.type == "esp" and t.bootloader == "systemd-boot":
+            files = BOOTLOADERS[t.bootloader](
                 boot / cfg.arch_spec.efi_loader, cfg.arch_spec.efi_fallback, vmlinuz, initrd, cmdline,
                 f"sohocloud {cfg.slug}")
             make_esp(files, img, parse_size(part.size), ident["esp_vol_id"])
+            boot_facts["partition"] = part.name
+        elif part.type == "boot" and t.bootloader == "files":
+            templates = cfg.repo.images / t.boot_templates if t.boot_templates else None
+            files = board_boot_files(t, boot, kernel_tree / "usr/lib" / f"linux-image-{kernel.version}", vmlinuz,
+                                     initrd, cmdline, templates, {"slug": cfg.slug, "role": cfg.role})
+            make_esp(files, img, parse_size(part.size), ident["esp_vol_id"], label="BOOT")
+            boot_facts["partition"] = part.name
+            boot_facts["files"] = sorted(files)
         else:
-            raise SohoError(f"partition {part.name}: no builder for fs {part.fs} / type {part.type}")
+            raise SohoError(f"partition {part.name}: no builder for fs {part.fs} / type {part.type} "
+                            f"with bootloader {t.bootloader}")
         images[part.name] = img
-    placed, disk_size = plan_layout(cfg.target.partitions, {n: p.stat().st_size for n, p in images.items()})
+    gpt = t.partition_table == "gpt"
+    placed, disk_size = plan_layout(t.partitions, {n: p.stat().st_size for n, p in images.items()},
+                                    start=parse_size(t.partitions_start), tail=GPT_TAIL if gpt else 0)
+    blobs = place_blobs(t.raw_blobs, boot, placed[0].start)
     raw = work / "disk.raw"
-    write_disk(placed, images, disk_size, sfdisk_script(placed, cfg.arch, ident), raw)
-    log.info("assemble: GPT disk %d MiB (root %d MiB used)", disk_size >> 20, root_bytes >> 20)
-    with step(f"assemble: qcow2 {artefact.name}"):
-        to_qcow2(raw, artefact)
+    bootable = frozenset(p.name for p in t.partitions if p.bootable)
+    write_disk(placed, images, disk_size, sfdisk_script(placed, cfg.arch, ident, t.partition_table, bootable),
+               raw, blobs)
+    log.info("assemble: %s disk %d MiB (root %d MiB used)", t.partition_table.upper(), disk_size >> 20,
+             root_bytes >> 20)
+    facts: dict = {}
+    if t.outputs[0] == "img.xz":
+        with step(f"assemble: bmap + xz {artefact.name}"):
+            to_img_xz(raw, artefact, bmap_path(artefact))
+        facts["bmap"] = bmap_path(artefact).name
+        facts["raw_blobs"] = [{"file": b.path.relative_to(boot).as_posix(), "offset": b.offset,
+                               "sha256": sha256_file(b.path)} for b in blobs]
+    else:
+        with step(f"assemble: qcow2 {artefact.name}"):
+            to_qcow2(raw, artefact)
     return {
+        **facts,
         "kernel": initrd_facts["kernel"],
         "initrd_modules": initrd_facts["initrd_modules"],
         "cmdline": cmdline,
-        "bootloader": cfg.target.bootloader,
+        "boot": boot_facts,
+        "bootloader": t.bootloader,
+        "partition_table": t.partition_table,
+        "fat_uuid": fat_uuid(ident["esp_vol_id"]),
+        "grow_root": t.grow_root,
+        **seed_location(t),
         "partitions": [{"name": p.name, "type": p.type, "start": p.start, "size": p.size} for p in placed],
         "sizes": {"tree_bytes": root_bytes, "disk_bytes": disk_size, "initrd_bytes": initrd.stat().st_size},
     }

@@ -272,7 +272,48 @@ def load_target(repo: Repo, name: str) -> Target:
     for arch, spec in target.arches.items():
         if spec.qemu is not None and len(spec.qemu.nic_addrs) < len(target.nic_paths):
             v.fail(("arches", arch, "qemu", "nic_addrs"), "needs one PCI address per entry of nic_paths")
+    if target.kind == "node":
+        _check_disk_layout(target, v, repo)
     return target
+
+
+def _check_disk_layout(t: Target, v: Validator, repo: Repo) -> None:
+    """A node target's partitions, blobs, boot files and seed place fit together."""
+    types = [p.type for p in t.partitions]
+    if types.count("root") != 1:
+        v.fail(("partitions",), "expected exactly one partition of type root")
+    if t.bootloader == "systemd-boot" and "esp" not in types:
+        v.fail(("bootloader",), "systemd-boot needs a partition of type esp")
+    if t.bootloader == "files" and "boot" not in types:
+        v.fail(("bootloader",), "bootloader 'files' needs a partition of type boot (vfat) for the boot files")
+    for i, p in enumerate(t.partitions):
+        if p.type in ("esp", "boot") and p.fs != "vfat":
+            v.fail(("partitions", i, "fs"), f"a partition of type {p.type} must be vfat")
+        if p.mount and not p.mount.startswith("/"):
+            v.fail(("partitions", i, "mount"), f"expected an absolute path, got {p.mount!r}")
+    if t.partition_table == "mbr" and len(t.partitions) > 4:
+        v.fail(("partitions",), "an MBR holds at most 4 primary partitions")
+    try:
+        start = parse_size(t.partitions_start)
+    except ValueError as exc:
+        v.fail(("partitions_start",), str(exc))
+    if start % (1 << 20):
+        v.fail(("partitions_start",), "expected a whole number of MiB")
+    # GPT: the primary header and entries fill sectors 1-33; MBR: sector 0 only.
+    first_free = 34 if t.partition_table == "gpt" else 1
+    for i, b in enumerate(t.raw_blobs):
+        if b.sector < first_free or b.sector * 512 >= start:
+            v.fail(("raw_blobs", i, "sector"), f"expected a sector from {first_free} (after the {t.partition_table} "
+                   f"table) to before partitions_start ({start // 512}), got {b.sector}")
+    if t.grow_root and t.partition_table != "mbr":
+        v.fail(("grow_root",), "growing the root partition on first boot is implemented for MBR disks")
+    if t.grow_root and t.partitions and t.partitions[-1].type != "root":
+        v.fail(("grow_root",), "the root partition must be the last one to grow into the free space")
+    if t.seed_dir and not any(p.mount and (t.seed_dir + "/").startswith(p.mount.rstrip("/") + "/")
+                              for p in t.partitions):
+        v.fail(("seed_dir",), f"{t.seed_dir} is below no partition's mount (e.g. mount: /boot/firmware)")
+    if t.boot_templates and not (repo.images / t.boot_templates).is_dir():
+        v.fail(("boot_templates",), f"no folder {repo.images / t.boot_templates}")
 
 
 def resolve(repo: Repo, role: str, *, target: str = "qemu", arch: str = "amd64",
@@ -299,10 +340,11 @@ def resolve(repo: Repo, role: str, *, target: str = "qemu", arch: str = "amd64",
             f"{', '.join(t for t in repo.targets() if load_target(repo, t).kind == profile.kind)})")
     if tgt.kind == "node":
         spec = tgt.arches[arch]
-        missing = [k for k in ("kernel_package", "efi_loader", "busybox", "qemu") if not getattr(spec, k)]
+        needed = ("kernel_package", "busybox", "qemu") + (("efi_loader",) if tgt.bootloader == "systemd-boot" else ())
+        missing = [k for k in needed if not getattr(spec, k)]
         if missing or not tgt.partitions or tgt.bootloader == "none":
             raise ConfigError(f"{repo.images / (target + '.yaml')}: arches.{arch}: a node target needs "
-                              f"kernel_package, efi_loader, busybox, qemu, partitions and a bootloader "
+                              f"{', '.join(needed)}, partitions and a bootloader "
                               f"(missing: {', '.join(missing) or 'partitions/bootloader'})")
     if profile.kind == "node" and len(profile.interfaces) > len(tgt.nic_paths):
         raise ConfigError(

@@ -18,6 +18,7 @@ Debian: one mmdebstrap run.  What keeps it fast:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -155,7 +156,7 @@ def _mmdebstrap(d, arch: str, cache: StageCache, out: Path, *, variant: str, pac
     # One mmdebstrap per package cache at a time: apt's lists are shared.
     with locked(pkg_cache / ".lock"):
         suites = [line.split()[2] for line in apt_sources(d)]
-        fresh = lists_are_fresh(pkg_cache / "lists", suites)
+        fresh = lists_are_fresh(pkg_cache / "lists", suites, d.components)
         if fresh:
             cmd.insert(1, "--skip=update")
         run(cmd, env=env, timeout=3600)
@@ -166,14 +167,17 @@ def _mmdebstrap(d, arch: str, cache: StageCache, out: Path, *, variant: str, pac
 STAMP = ".sohocloud-updated"
 
 
-def lists_are_fresh(lists: Path, suites: list[str]) -> bool:
+def lists_are_fresh(lists: Path, suites: list[str], components: tuple[str, ...] = ("main",)) -> bool:
     """apt lists fetched less than SOHOCLOUD_APT_MAX_AGE hours ago (default 24), for every
-    suite of the sources, are reused without `apt-get update`: a rebuild then touches no network."""
+    suite and component of the sources, are reused without `apt-get update`: a rebuild then
+    touches no network."""
     stamp = lists / STAMP
     max_age = float(os.environ.get("SOHOCLOUD_APT_MAX_AGE", "24")) * 3600
     if not stamp.is_file() or not any(lists.glob("*_Packages*")):
         return False
     if not all(any(lists.glob(f"*_dists_{suite}_InRelease")) for suite in suites):
+        return False
+    if not all(any(lists.glob(f"*_dists_{suites[0]}_{c}_binary-*_Packages*")) for c in components):
         return False
     return time.time() - stamp.stat().st_mtime < max_age
 
@@ -304,8 +308,10 @@ def build_kernel(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True)
 
 def build_bootfiles(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = True) -> StageResult:
     """Boot-time blobs (UEFI loader, static busybox, board firmware) extracted, never installed or emulated."""
+    d = cfg.profile.distro
+    d = dataclasses.replace(d, components=tuple(dict.fromkeys(d.components + cfg.target.boot_components)))
     inputs = {
-        "distro": digest(apt_sources(cfg.profile.distro)),
+        "distro": digest(apt_sources(d)),
         "arch": cfg.arch,
         "packages": digest(sorted(cfg.arch_spec.boot_packages)),
         "backend": _code_hash(),
@@ -314,7 +320,7 @@ def build_bootfiles(cfg: BuildConfig, cache: StageCache, *, use_cache: bool = Tr
 
     def make(out: Path) -> None:
         with step(f"bootfiles: extracting {', '.join(cfg.arch_spec.boot_packages)}"):
-            _mmdebstrap(cfg.profile.distro, cfg.arch, cache, out, variant="extract",
+            _mmdebstrap(d, cfg.arch, cache, out, variant="extract",
                         packages=cfg.arch_spec.boot_packages, extra=[])
 
     return cache.produce("bootfiles", key, "boot.tar", inputs, make, use_cache=use_cache)

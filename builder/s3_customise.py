@@ -41,7 +41,8 @@ def customise_inputs(cfg: BuildConfig) -> dict[str, str]:
     slice_ = {k: v for k, v in asdict(p).items() if k not in ("packages", "dpkg_exclude", "dpkg_include")}
     out = {
         "profile": digest(slice_),
-        "target": digest([cfg.target.nic_paths, [asdict(x) for x in cfg.target.partitions]]),
+        "target": digest([cfg.target.nic_paths, [asdict(x) for x in cfg.target.partitions], cfg.target.seed_dir,
+                          cfg.target.grow_root]),
         "firstboot": hash_tree(cfg.repo.firstboot),
         "code": digest(Path(__file__).read_text()),
     }
@@ -478,10 +479,39 @@ def install_node_parts(cfg: BuildConfig, root: Path, identity: dict[str, str]) -
     for rel, content in network_units(cfg).items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(content)
-    (root / "etc/fstab").write_text(
-        "# <fs> <mountpoint> <type> <options> <dump> <pass>\n"
-        f"UUID={identity['root_fs_uuid']} / ext4 defaults,errors=remount-ro 0 1\n"
-    )
+    (root / "etc/fstab").write_text(fstab(cfg, identity))
+    t = cfg.target
+    if t.seed_dir:
+        # The seed files live on a partition the node mounts (a board's FAT): firstboot
+        # looks there, after that mount. Wants, not Requires: without the partition a node
+        # still boots (and says that it found no seed).
+        (root / "etc/sohocloud").mkdir(parents=True, exist_ok=True)
+        (root / "etc/sohocloud/seed-dirs").write_text(f"# NoCloud seed files (target {t.name})\n{t.seed_dir}\n")
+        mounts = [p.mount for p in t.partitions if p.mount and (t.seed_dir + "/").startswith(p.mount.rstrip("/") + "/")]
+        unit = mount_unit(mounts[0])
+        dropin = root / "usr/lib/systemd/system/sohocloud-firstboot.service.d/seed-dir.conf"
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(f"# the seed directory {t.seed_dir} is on this mount\n[Unit]\nWants={unit}\nAfter={unit}\n")
+
+
+def mount_unit(path: str) -> str:
+    """systemd's unit name for a mount point (systemd-escape --path --suffix=mount)."""
+    parts = [re.sub(r"[^A-Za-z0-9:_.]", lambda m: "".join(f"\\x{b:02x}" for b in m.group().encode()), p)
+             for p in path.strip("/").split("/")]
+    return "-".join(parts) + ".mount"
+
+
+def fstab(cfg: BuildConfig, identity: dict[str, str]) -> str:
+    """Root by UUID, and each FAT partition the target mounts (root-only: a board's seed carries secrets)."""
+    from .s5_assemble import fat_uuid
+
+    lines = ["# <fs> <mountpoint> <type> <options> <dump> <pass>",
+             f"UUID={identity['root_fs_uuid']} / ext4 defaults,errors=remount-ro 0 1"]
+    for p in cfg.target.partitions:
+        if p.mount and p.fs == "vfat":
+            lines.append(f"UUID={fat_uuid(identity['esp_vol_id'])} {p.mount} vfat "
+                         "rw,nosuid,nodev,noexec,umask=0077,nofail 0 0")
+    return "\n".join(lines) + "\n"
 
 
 
@@ -518,6 +548,7 @@ def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[st
         "interfaces": list(p.interfaces),
         "ports": [asdict(x) for x in p.firewall.ports],
         "clients": [asdict(x) for x in p.firewall.clients],
+        "grow_root": cfg.target.grow_root,
     }
     (root / "etc/sohocloud").mkdir(parents=True, exist_ok=True)
     (root / "etc/sohocloud/image.json").write_text(json.dumps(info, indent=1) + "\n")

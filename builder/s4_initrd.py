@@ -63,8 +63,8 @@ def kernel_members(names: list[str], module_paths: tuple[str, ...]) -> list[str]
 
 def install_kernel(root: Path, kernel_tree: Path, module_paths: tuple[str, ...]) -> dict[str, str]:
     """Put the natively extracted kernel into the image tree: the kernel image, the
-    modules below the listed subtrees of kernel/ (nothing else is ever copied), the
-    module indexes, DTBs; then the host's depmod. Returns {package: version}."""
+    modules below the listed subtrees of kernel/ (nothing else is ever copied) and
+    the module indexes; then the host's depmod. Returns {package: version}."""
     import shutil
 
     from .proc import run
@@ -93,9 +93,7 @@ def install_kernel(root: Path, kernel_tree: Path, module_paths: tuple[str, ...])
     (root / "boot").mkdir(exist_ok=True)
     for f in (kernel_tree / "boot").iterdir():
         shutil.copy2(f, root / "boot" / f.name)
-    dtbs = kernel_tree / "usr/lib" / f"linux-image-{version}"
-    if dtbs.is_dir():
-        shutil.copytree(dtbs, root / "usr/lib" / dtbs.name, dirs_exist_ok=True)
+    # DTBs stay out of the root: a board's firmware reads them from its boot partition (stage 5).
     run(["depmod", "-b", root, version])
     log.info("kernel: %s, %d modules", version, count)
     return parse_package_versions((kernel_tree / "packages").read_text())

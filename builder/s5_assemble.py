@@ -1,10 +1,11 @@
 """Stage 5 — assemble: partitions and filesystems without mounting anything.
 
-ext4 from the tree with `mkfs.ext4 -d`, the ESP with mkfs.vfat + mtools,
-the GPT with sfdisk on a plain file, partitions copied in sparsely, then
-`qemu-img convert` to a zstd-compressed qcow2.  Identities (filesystem
-UUIDs, partition GUIDs) derive from the build's input hash, so the same
-inputs give the same disk.
+ext4 from the tree with `mkfs.ext4 -d`, FAT (ESP or a board's boot
+partition) with mkfs.vfat + mtools, the GPT or MBR with sfdisk on a plain
+file, partitions copied in sparsely, boot loader blobs at their sectors, then
+`qemu-img convert` to a zstd-compressed qcow2, or `bmaptool create` + `xz`
+for SD cards.  Identities (filesystem UUIDs, partition GUIDs, the MBR disk
+id) derive from the build's input hash, so the same inputs give the same disk.
 """
 
 from __future__ import annotations
@@ -29,21 +30,30 @@ GPT_TAIL = 1 << 20  # room for the backup GPT
 # Discoverable Partitions Specification type GUIDs.
 GPT_TYPES = {
     ("esp", None): "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+    ("boot", None): "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",  # basic data (FAT)
     ("root", "amd64"): "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
     ("root", "arm64"): "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
 }
+MBR_TYPES = {"esp": "ef", "boot": "c", "root": "83"}  # c: FAT32 (LBA), what board firmware looks for
 
 
-def identity(key: str) -> dict[str, str]:
+def identity(key: str, partitions: tuple[str, ...] = ("esp", "root")) -> dict[str, str]:
     """Filesystem/partition identities derived from the build key (reproducible)."""
     ns = uuid.UUID(key[:32])
-    return {
+    ident = {
         "disk_guid": str(uuid.uuid5(ns, "disk")).upper(),
+        "mbr_id": "0x" + key[8:16],
         "root_fs_uuid": str(uuid.uuid5(ns, "root-fs")),
-        "esp_vol_id": key[:8].upper(),
-        "part:esp": str(uuid.uuid5(ns, "part-esp")).upper(),
-        "part:root": str(uuid.uuid5(ns, "part-root")).upper(),
+        "esp_vol_id": key[:8].upper(),  # the disk's FAT volume (ESP or boot partition)
     }
+    for name in dict.fromkeys(("esp", "root") + tuple(partitions)):
+        ident[f"part:{name}"] = str(uuid.uuid5(ns, f"part-{name}")).upper()
+    return ident
+
+
+def fat_uuid(vol_id: str) -> str:
+    """A FAT volume id as blkid and fstab spell it (UUID=9D56-A33A)."""
+    return f"{vol_id[:4]}-{vol_id[4:]}"
 
 
 @dataclass(frozen=True)
@@ -58,28 +68,64 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan_layout(parts: tuple[Partition, ...], sizes: dict[str, int]) -> tuple[list[Placed], int]:
-    """Place partitions MiB-aligned after the primary GPT. Returns (placed, disk size).
+def plan_layout(parts: tuple[Partition, ...], sizes: dict[str, int], *, start: int = ALIGN,
+                tail: int = GPT_TAIL) -> tuple[list[Placed], int]:
+    """Place partitions MiB-aligned from *start*. Returns (placed, disk size).
 
-    *sizes* gives the byte size of each `auto` partition (its filesystem image).
+    *sizes* gives the byte size of each `auto` partition (its filesystem image);
+    *tail* is room kept after the last one (GPT: its backup copy; MBR: none).
     """
     placed = []
-    pos = ALIGN
+    pos = start
     for p in parts:
         size = sizes[p.name] if p.size == "auto" else parse_size(p.size)
         size = _align(size)
         placed.append(Placed(p.name, p.type, pos, size))
         pos += size
-    return placed, pos + GPT_TAIL
+    return placed, pos + tail
 
 
-def sfdisk_script(placed: list[Placed], arch: str, ident: dict[str, str]) -> str:
+def sfdisk_script(placed: list[Placed], arch: str, ident: dict[str, str], table: str = "gpt",
+                  bootable: frozenset[str] = frozenset()) -> str:
+    if table == "mbr":
+        lines = ["label: dos", f"label-id: {ident['mbr_id']}", "unit: sectors", ""]
+        for p in placed:
+            flag = ", bootable" if p.name in bootable else ""
+            lines.append(f"start={p.start // SECTOR}, size={p.size // SECTOR}, type={MBR_TYPES[p.type]}{flag}")
+        return "\n".join(lines) + "\n"
     lines = ["label: gpt", f"label-id: {ident['disk_guid']}", "first-lba: 2048", ""]
     for p in placed:
         type_guid = GPT_TYPES.get((p.type, arch)) or GPT_TYPES[(p.type, None)]
+        attrs = ", attrs=LegacyBIOSBootable" if p.name in bootable else ""
         lines.append(f"start={p.start // SECTOR}, size={p.size // SECTOR}, type={type_guid}, "
-                     f"uuid={ident['part:' + p.name]}, name=\"{p.name}\"")
+                     f"uuid={ident['part:' + p.name]}, name=\"{p.name}\"{attrs}")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class PlacedBlob:
+    path: Path
+    offset: int  # bytes
+    size: int
+
+
+def place_blobs(blobs, tree: Path, limit: int) -> list[PlacedBlob]:
+    """The target's raw blobs from the boot-package tree, checked to fit between the partition
+    table and *limit* (the first partition's start) without overlapping each other."""
+    out = []
+    for b in sorted(blobs, key=lambda b: b.sector):
+        path = tree / b.file
+        if not path.is_file():
+            raise SohoError(f"raw blob {b.file} is not in the boot packages")
+        out.append(PlacedBlob(path, b.sector * SECTOR, path.stat().st_size))
+    for a, b in zip(out, out[1:]):
+        if a.offset + a.size > b.offset:
+            raise SohoError(f"raw blob {a.path.name} ({a.size} bytes at {a.offset}) overlaps {b.path.name} at {b.offset}")
+    if out and out[-1].offset + out[-1].size > limit:
+        last = out[-1]
+        raise SohoError(f"raw blob {last.path.name} ends at byte {last.offset + last.size}, after the first "
+                        f"partition's start {limit}: raise partitions_start")
+    return out
 
 
 def tree_size(root: Path) -> int:
@@ -105,10 +151,10 @@ def make_ext4(tree: Path, out: Path, size: int, fs_uuid: str, label: str, epoch:
         env={"E2FSPROGS_FAKE_TIME": str(epoch)})
 
 
-def make_esp(files: dict[str, Path | bytes], out: Path, size: int, vol_id: str) -> None:
-    """A FAT32 ESP holding *files* (ESP path -> host file or content)."""
+def make_esp(files: dict[str, Path | bytes], out: Path, size: int, vol_id: str, label: str = "ESP") -> None:
+    """A FAT32 volume (ESP or a board's boot partition) holding *files* (path on it -> host file or content)."""
     out.unlink(missing_ok=True)
-    run(["mkfs.vfat", "-C", "-F", "32", "-s", "1", "-n", "ESP", "-i", vol_id, out, str(size // 1024)])
+    run(["mkfs.vfat", "-C", "-F", "32", "-s", "1", "-n", label, "-i", vol_id, out, str(size // 1024)])
     made: set[str] = set()
     staging = out.with_suffix(".d")
     shutil.rmtree(staging, ignore_errors=True)
@@ -144,10 +190,52 @@ def systemd_boot_files(loader: Path, fallback: str, kernel: Path, initrd: Path, 
     }
 
 
+def board_boot_files(target, boot_tree: Path, dtb_tree: Path, kernel: Path, initrd: Path, cmdline: str,
+                     templates: Path | None, context: dict) -> dict[str, Path | bytes]:
+    """A board's boot partition: firmware files, DTBs, kernel, initrd and the rendered boot
+    templates (config.txt, extlinux.conf, ...), all named by the target's data."""
+    import jinja2
+
+    files: dict[str, Path | bytes] = {}
+
+    def add(entries, tree: Path, what: str) -> list[str]:
+        placed = []
+        for e in entries:
+            matches = sorted(tree.glob(e.src))
+            if not matches:
+                raise SohoError(f"{what} {e.src}: not found in {tree.name} (is its package in the target's list?)")
+            if len(matches) > 1 and not e.dest.endswith("/"):
+                raise SohoError(f"{what} {e.src} matches {len(matches)} files: its dest must be a folder (end in /)")
+            for m in matches:
+                dest = e.dest + m.name if e.dest.endswith("/") else e.dest
+                files[dest.lstrip("/")] = m
+                placed.append(dest.lstrip("/"))
+        return placed
+
+    add(target.boot_files, boot_tree, "boot file")
+    dtbs = add(target.dtb_files, dtb_tree, "device tree")
+    files[target.kernel_file] = kernel
+    files[target.initrd_file] = initrd
+    if templates is not None:
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)), undefined=jinja2.StrictUndefined,
+                                 keep_trailing_newline=True)
+        ctx = dict(context, kernel=target.kernel_file, initrd=target.initrd_file, cmdline=cmdline, dtbs=dtbs,
+                   vars=target.vars)
+        for p in sorted(templates.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(templates).as_posix()
+                if rel.endswith(".j2"):
+                    files[rel[:-3]] = env.get_template(rel).render(**ctx).encode()
+                else:
+                    files[rel] = p
+    return files
+
+
 BOOTLOADERS = {"systemd-boot": systemd_boot_files}
 
 
-def write_disk(placed: list[Placed], images: dict[str, Path], disk_size: int, script: str, out: Path) -> None:
+def write_disk(placed: list[Placed], images: dict[str, Path], disk_size: int, script: str, out: Path,
+               blobs: list[PlacedBlob] = ()) -> None:
     out.unlink(missing_ok=True)
     with open(out, "wb") as f:
         f.truncate(disk_size)
@@ -158,6 +246,25 @@ def write_disk(placed: list[Placed], images: dict[str, Path], disk_size: int, sc
             raise SohoError(f"partition {p.name}: image of {img.stat().st_size} bytes exceeds {p.size}")
         run(["dd", f"if={img}", f"of={out}", "bs=1M", f"seek={p.start // (1 << 20)}", "conv=notrunc,sparse",
              "status=none"])
+    for b in blobs:
+        run(["dd", f"if={b.path}", f"of={out}", "bs=512", f"seek={b.offset // SECTOR}", "conv=notrunc",
+             "status=none"])
+
+
+def to_img_xz(raw: Path, out: Path, bmap: Path) -> None:
+    """An SD card image: `bmaptool create` (block map + checksums of the used ranges) on the raw
+    disk, then xz. Both written under temp names and renamed."""
+    tmp, tmp_bmap = out.with_name("." + out.name + ".tmp"), bmap.with_name("." + bmap.name + ".tmp")
+    try:
+        run(["bmaptool", "create", "-o", tmp_bmap, raw])
+        # -3: a tenth of -6's time for a few percent more bytes; the card is written once.
+        run(["xz", "-T2", "-3", "--keep", "--force", raw])
+        shutil.move(raw.with_name(raw.name + ".xz"), tmp)
+        os.replace(tmp_bmap, bmap)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_bmap.unlink(missing_ok=True)
 
 
 def to_qcow2(raw: Path, out: Path) -> None:

@@ -196,14 +196,19 @@ class Profile:
 
 @dataclass(frozen=True)
 class QemuSpec:
+    """How QEMU runs images of this target (for a board: the machine that stands in for it in tests)."""
+
     binary: str
     machine: str
-    firmware_code: str
-    firmware_vars: str
+    firmware_code: str = ""  # UEFI firmware (empty: direct kernel boot only)
+    firmware_vars: str = ""
     cpu: str = "max"
     console: str = "ttyS0"
     nic_device: str = "virtio-net-pci"
     nic_addrs: tuple[str, ...] = ()  # PCI addr of NIC n; pairs with Target.nic_paths
+    # Kernel command line words added when QEMU starts the kernel directly (a board's
+    # own console is not the emulated machine's).
+    append: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,9 +226,29 @@ class ArchSpec:
 @dataclass(frozen=True)
 class Partition:
     name: str
-    type: Literal["esp", "root"]
+    # esp: UEFI system partition; boot: a board's FAT partition (firmware, kernel, seed); root: /
+    type: Literal["esp", "boot", "root"]
     fs: Literal["vfat", "ext4"]
     size: str  # "64M" or "auto"
+    bootable: bool = False  # MBR active flag (U-Boot's distro boot scans it first)
+    mount: str = ""  # where a node mounts it (e.g. /boot/firmware); root is always /
+
+
+@dataclass(frozen=True)
+class RawBlob:
+    """A boot loader blob written at a fixed place of the disk, outside any partition."""
+
+    file: str  # path inside the boot-package tree
+    sector: int  # 512-byte sector where it starts
+
+
+@dataclass(frozen=True)
+class BootFile:
+    """A file for the boot partition: src is a path (or glob) below the tree named by the list
+    it is in; dest is its path on the partition (ending in / for "into this directory")."""
+
+    src: str
+    dest: str
 
 
 @dataclass(frozen=True)
@@ -231,18 +256,32 @@ class Target:
     name: str
     description: str
     arches: dict[str, ArchSpec]
-    outputs: tuple[Literal["qcow2", "oci"], ...]
+    outputs: tuple[Literal["qcow2", "img.xz", "oci"], ...]
     # node: a bootable machine image; container: a userland only (roles of the same kind).
     kind: Literal["node", "container"] = "node"
     partitions: tuple[Partition, ...] = ()
-    bootloader: Literal["systemd-boot", "none"] = "none"
+    # systemd-boot: loader + entry on the ESP. files: the board's firmware or U-Boot reads
+    # the boot partition's files (boot_files, dtb_files, kernel, initrd, boot_templates).
+    bootloader: Literal["systemd-boot", "files", "none"] = "none"
     cmdline: str = ""
     kernel_modules: tuple[str, ...] = ()
     initrd_modules: tuple[str, ...] = ()
     nic_paths: tuple[str, ...] = ()
-    partition_table: Literal["gpt"] = "gpt"
+    partition_table: Literal["gpt", "mbr"] = "gpt"
+    partitions_start: str = "1M"  # the first partition starts here (after raw_blobs)
+    raw_blobs: tuple[RawBlob, ...] = ()
+    boot_files: tuple[BootFile, ...] = ()  # src below the boot-package tree
+    dtb_files: tuple[BootFile, ...] = ()  # src below the kernel's DTB directory (/usr/lib/linux-image-<ver>)
+    boot_templates: str = ""  # a folder below images/: its files (*.j2 rendered) go onto the boot partition
+    kernel_file: str = "vmlinuz"  # names of kernel and initrd on the boot partition / ESP
+    initrd_file: str = "initrd.img"
+    grow_root: bool = False  # firstboot grows the root partition and fs to fill the disk (MBR)
+    seed_dir: str = ""  # a node reads its NoCloud seed files here (below a partition's mount)
+    # Extra archive components for the boot packages (e.g. non-free-firmware for the Pi's firmware).
+    boot_components: tuple[str, ...] = ()
     root_free: str = "192M"
     packages: tuple[str, ...] = ()
+    vars: dict[str, Any] = field(default_factory=dict)  # for boot_templates
 
 
 # --------------------------------------------------------------------------- validator

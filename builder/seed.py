@@ -299,3 +299,27 @@ def read_cidata(path: str | os.PathLike[str]) -> dict[str, str]:
     except CommandError as e:
         raise SohoError(f"{p}: not a readable FAT cidata volume: {e}") from None
     return out
+
+
+def write_seed_to_fat(target: str | os.PathLike[str], offset: int, files: Mapping[str, str], folder: str) -> None:
+    """Put seed files into *folder* of the FAT volume at byte *offset* of *target* (a disk image
+    or a card's block device): what `flash --seed` does, and what a node's firstboot reads from
+    its boot partition. Fixed file times: the same seed gives the same bytes."""
+    for name in files:
+        _check_name(name)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", folder):
+        raise SohoError(f"seed folder {folder!r} is not a plain folder name")
+    mcopy, mmd, mdir = _tool("mcopy", "mtools"), _tool("mmd", "mtools"), _tool("mdir", "mtools")
+    image = f"{os.fspath(target)}@@{offset}"
+    epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH)), 315705600)
+    try:
+        if run([mdir, "-b", "-i", image, f"::/{folder}"], env=MTOOLS_ENV, capture=True, check=False).returncode:
+            run([mmd, "-i", image, f"::/{folder}"], env=MTOOLS_ENV)
+        with tempfile.TemporaryDirectory(prefix="sohocloud-seed-") as src_dir:
+            for name, text in files.items():
+                src = Path(src_dir) / name
+                src.write_text(text)
+                os.utime(src, (epoch, epoch))
+                run([mcopy, "-m", "-o", "-i", image, src, f"::/{folder}/{name}"], env=MTOOLS_ENV)
+    except CommandError as e:
+        raise SohoError(f"{target}: could not write the seed onto its FAT partition: {e}") from None

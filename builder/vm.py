@@ -129,25 +129,57 @@ def qemu_spec_for(manifest: dict) -> QemuSpec:
     return target.arches[manifest["arch"]].qemu
 
 
-def extract_boot_files(image: Path, manifest: dict, dest: Path) -> BootFiles:
-    """Kernel, initrd and the systemd-boot entry's options, read from the image's ESP."""
-    esp = next((p for p in manifest["partitions"] if p["type"] == "esp"), None)
-    if esp is None:
-        raise SohoError(f"{image}: no ESP in its partition table")
+def disk_format(image: Path) -> str:
+    return "qcow2" if image.name.endswith(".qcow2") else "raw"
+
+
+def unpack_card_image(image: Path, dest: Path) -> Path:
+    """A raw disk from an SD card image (.img.xz): `bmaptool copy` writes only the mapped
+    blocks (a sparse file) and checks each range against the .bmap's sha256."""
+    from .pipeline import bmap_path
+
+    bmap = bmap_path(image)
+    if not bmap.is_file():
+        raise SohoError(f"{image}: its block map {bmap.name} is missing")
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    run(["bmaptool", "-q", "copy", "--bmap", bmap, image, tmp])
+    os.replace(tmp, dest)
+    return dest
+
+
+def boot_partition(manifest: dict) -> dict:
+    """The partition holding kernel and initrd (the ESP, or a board's boot partition)."""
+    name = manifest.get("boot", {}).get("partition")
+    part = next((p for p in manifest["partitions"] if p["name"] == name or (name is None and p["type"] == "esp")),
+                None)
+    if part is None:
+        raise SohoError(f"{manifest['artefact']}: no boot partition in its manifest")
+    return part
+
+
+def extract_boot_files(disk: Path, manifest: dict, dest: Path, append: str = "") -> BootFiles:
+    """Kernel, initrd and command line from the image's own boot partition (the manifest names
+    them; older images: the systemd-boot entry). *disk*: the qcow2, or a board image's raw disk."""
+    part = boot_partition(manifest)
     mib = 1 << 20
-    raw = dest / "esp.raw"
-    run(["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"bs={mib}", f"skip={esp['start'] // mib}",
-         f"count={esp['size'] // mib}", f"if={image}", f"of={raw}"])
-    entry_dir = dest / "entries"
-    entry_dir.mkdir(exist_ok=True)
+    raw = dest / "boot.raw"
+    run(["qemu-img", "dd", "-f", disk_format(disk), "-O", "raw", f"bs={mib}", f"skip={part['start'] // mib}",
+         f"count={part['size'] // mib}", f"if={disk}", f"of={raw}"])
     env = {"MTOOLS_SKIP_CHECK": "1"}
-    run(["mcopy", "-i", raw, "-n", "::/loader/entries/sohocloud.conf", entry_dir / "sohocloud.conf"], env=env)
-    entry = parse_bls_entry((entry_dir / "sohocloud.conf").read_text())
+    boot = manifest.get("boot")
+    if boot and "kernel" in boot:
+        entry = {"linux": boot["kernel"], "initrd": boot["initrd"], "options": boot["cmdline"]}
+    else:
+        entry_dir = dest / "entries"
+        entry_dir.mkdir(exist_ok=True)
+        run(["mcopy", "-i", raw, "-n", "::/loader/entries/sohocloud.conf", entry_dir / "sohocloud.conf"], env=env)
+        entry = parse_bls_entry((entry_dir / "sohocloud.conf").read_text())
     kernel, initrd = dest / "vmlinuz", dest / "initrd.img"
     run(["mcopy", "-i", raw, "-n", f"::{entry['linux']}", kernel], env=env)
     run(["mcopy", "-i", raw, "-n", f"::{entry['initrd']}", initrd], env=env)
     raw.unlink()
-    return BootFiles(kernel, initrd, entry["options"])
+    return BootFiles(kernel, initrd, " ".join(w for w in (entry["options"], append) if w))
 
 
 def parse_bls_entry(text: str) -> dict[str, str]:
@@ -211,20 +243,47 @@ class VM:
     proc: subprocess.Popen | None = None
     started: float = 0.0
 
+    def base_disk(self, manifest: dict) -> Path:
+        """What the overlay sits on: the qcow2 itself, or a board image unpacked to a raw disk
+        (next to a persistent overlay, so a kept disk keeps its base). A card carries its seed
+        as files on its boot partition: written there, as `sohocloud flash --seed` does."""
+        if disk_format(self.image) == "qcow2":
+            return self.image.resolve()
+        base = (self.disk.with_name(self.disk.stem + ".base.raw") if self.disk else self.workdir / "base.raw")
+        if self.disk is None or not base.exists() or not self.disk.exists():
+            unpack_card_image(self.image, base)
+            if self.seed is not None and "seed_partition" in manifest:
+                from .seed import read_cidata, write_seed_to_fat
+
+                where = manifest["seed_partition"]
+                part = next(p for p in manifest["partitions"] if p["name"] == where["name"])
+                write_seed_to_fat(base, part["start"], read_cidata(self.seed), where["folder"])
+        return base
+
+    def seed_volume(self, manifest: dict) -> Path | None:
+        """The seed as a cidata volume, unless it went onto the card's boot partition."""
+        if disk_format(self.image) != "qcow2" and "seed_partition" in manifest:
+            return None
+        return self.seed
+
     def argv(self) -> list[str]:
         manifest = image_info(self.image)
         spec = qemu_spec_for(manifest)
         disk = self.disk or self.workdir / "overlay.qcow2"
+        base = self.base_disk(manifest)
         if not disk.exists():
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", self.image.resolve(), disk])
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(base), "-b", base, disk])
         boot = uefi_vars = None
         if self.firmware == "direct":
-            boot = extract_boot_files(self.image, manifest, self.workdir)
+            boot = extract_boot_files(base, manifest, self.workdir, spec.append)
         else:
+            if not spec.firmware_code:
+                raise SohoError(f"{self.image.name}: target {manifest['target']} has no UEFI firmware for QEMU "
+                                "(boot it with --firmware direct)")
             uefi_vars = self.workdir / "efivars.fd"
             shutil.copyfile(spec.firmware_vars, uefi_vars)
         serial = f"file:{self.serial_log}" if self.serial_log else "mon:stdio"
-        argv = qemu_argv(spec, manifest["arch"], disk, nics=self.nics, seed=self.seed, boot=boot,
+        argv = qemu_argv(spec, manifest["arch"], disk, nics=self.nics, seed=self.seed_volume(manifest), boot=boot,
                          uefi_vars=uefi_vars, memory=self.memory, smp=self.smp, serial=serial,
                          extra_disks=self.extra_disks)
         if self.netns:
