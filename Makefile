@@ -14,13 +14,22 @@ OUT         ?= out
 # archive into image trees, never onto the host.
 APT_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools e2fsprogs fdisk \
                 squashfs-tools xz-utils kmod busybox socat iproute2 openssh-client systemd \
-                ca-certificates python3-venv nftables cpio smbclient git
+                ca-certificates python3-venv nftables cpio smbclient git \
+                qemu-system-arm qemu-efi-aarch64 qemu-user-static binfmt-support arch-test bmap-tools
 
-.PHONY: all deps apt venv image test test-unit test-boot test-k3s test-all bench clean distclean
+.PHONY: all deps apt binfmt venv image test test-unit test-boot test-k3s test-all bench clean distclean
 
 all: deps image
 
-deps: apt venv
+deps: apt binfmt venv
+
+# arm64 images are built on this amd64 host through qemu-user: binfmt_misc must be
+# mounted and qemu-aarch64 registered (binfmt-support does it at boot on a normal
+# system; a container or a fresh VM may need it done here).
+binfmt: apt
+	@test -e /proc/sys/fs/binfmt_misc/status || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	@grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null || update-binfmts --enable qemu-aarch64
+	@echo "deps: qemu-aarch64 registered with binfmt_misc"
 
 # Idempotent and quick when nothing is missing: apt runs only for absent packages.
 apt:

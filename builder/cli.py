@@ -93,6 +93,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
                             ssh_port=args.ssh_port, firmware=args.firmware, memory=args.memory)
 
 
+def cmd_flash(args: argparse.Namespace) -> int:
+    from .flash import flash
+
+    _check_host_tools(["mcopy", "mmd", "mdir"])
+    flash(Path(args.image), Path(args.device), seed=Path(args.seed) if args.seed else None, force=args.force)
+    return 0
+
+
 def cmd_fleet_build(args: argparse.Namespace) -> int:
     from .cache import StageCache
     from .fleet import SiteSecrets, find_providers, k3s_files, write_node_seed
@@ -230,6 +238,14 @@ def parser() -> argparse.ArgumentParser:
                    help="direct: kernel+initrd from the image's ESP (fast); uefi: OVMF + systemd-boot")
     s.add_argument("--memory", type=int, default=1024, help="MiB")
     s.set_defaults(func=cmd_boot)
+
+    s = sub.add_parser("flash", help="write an SD card image (+ a node's seed) to a card, verified")
+    s.add_argument("image", help="an .img.xz built by sohocloud (its .bmap and manifest next to it)")
+    s.add_argument("device", help="the card's whole-disk device, e.g. /dev/sdX or /dev/mmcblk0")
+    s.add_argument("--seed", help="NoCloud seed volume (sohocloud seed, or fleet build's per-node seed)")
+    s.add_argument("--force", action="store_true",
+                   help="write a device that does not report removable media (never a mounted or root disk)")
+    s.set_defaults(func=cmd_flash)
 
     fleet = sub.add_parser("fleet", help="a whole site: secrets, images, seeds")
     fsub = fleet.add_subparsers(dest="fleet_verb", required=True)

@@ -510,7 +510,7 @@ def fstab(cfg: BuildConfig, identity: dict[str, str]) -> str:
     for p in cfg.target.partitions:
         if p.mount and p.fs == "vfat":
             lines.append(f"UUID={fat_uuid(identity['esp_vol_id'])} {p.mount} vfat "
-                         "rw,nosuid,nodev,noexec,umask=0077,nofail 0 0")
+                         "rw,nosuid,nodev,noexec,umask=0077,quiet,nofail 0 0")
     return "\n".join(lines) + "\n"
 
 

@@ -312,14 +312,28 @@ def write_seed_to_fat(target: str | os.PathLike[str], offset: int, files: Mappin
     mcopy, mmd, mdir = _tool("mcopy", "mtools"), _tool("mmd", "mtools"), _tool("mdir", "mtools")
     image = f"{os.fspath(target)}@@{offset}"
     epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH)), 315705600)
+    env = dict(MTOOLS_ENV, SOURCE_DATE_EPOCH=str(epoch))  # mtools stamps new entries with it
     try:
-        if run([mdir, "-b", "-i", image, f"::/{folder}"], env=MTOOLS_ENV, capture=True, check=False).returncode:
-            run([mmd, "-i", image, f"::/{folder}"], env=MTOOLS_ENV)
+        if run([mdir, "-b", "-i", image, f"::/{folder}"], env=env, capture=True, check=False).returncode:
+            run([mmd, "-i", image, f"::/{folder}"], env=env)
         with tempfile.TemporaryDirectory(prefix="sohocloud-seed-") as src_dir:
             for name, text in files.items():
                 src = Path(src_dir) / name
                 src.write_text(text)
                 os.utime(src, (epoch, epoch))
-                run([mcopy, "-m", "-o", "-i", image, src, f"::/{folder}/{name}"], env=MTOOLS_ENV)
+                run([mcopy, "-m", "-o", "-i", image, src, f"::/{folder}/{name}"], env=env)
     except CommandError as e:
         raise SohoError(f"{target}: could not write the seed onto its FAT partition: {e}") from None
+
+
+def read_seed_from_fat(target: str | os.PathLike[str], offset: int, folder: str) -> dict[str, str]:
+    """The seed files in *folder* of the FAT volume at *offset* of *target* (to check a write)."""
+    mdir, mcopy = _tool("mdir", "mtools"), _tool("mcopy", "mtools")
+    image = f"{os.fspath(target)}@@{offset}"
+    listing = run([mdir, "-b", "-i", image, f"::/{folder}"], env=MTOOLS_ENV, capture=True).stdout
+    out = {}
+    for line in listing.splitlines():
+        name = line.strip().rsplit("/", 1)[-1]
+        if name and not line.strip().endswith("/"):
+            out[name] = run([mcopy, "-n", "-i", image, f"::/{folder}/{name}", "-"], env=MTOOLS_ENV, capture=True).stdout
+    return out

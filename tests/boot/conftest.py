@@ -117,15 +117,43 @@ def ssh_config_entry(alias: str, key: Path, known_hosts: Path, *, hostname: str,
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="session")
-def router_cfg():
-    return resolve(Repo(REPO), "router")
+# The router checks run once per arch, one code path. Router A (tap LAN, the full check set)
+# and router B (`sohocloud boot --firmware uefi`, WireGuard) are, per arch, these builds:
+# on arm64, A is the Raspberry Pi 4 card image booted on QEMU's virt machine with its
+# seed as files on the card's boot partition, B the arm64 qemu image through AAVMF.
+ROUTER_BUILDS = {
+    "amd64": {"a": ("qemu", "amd64"), "b": ("qemu", "amd64")},
+    "arm64": {"a": ("rpi4", "arm64"), "b": ("qemu", "arm64")},
+}
+ARCHES = [a for a in os.environ.get("SOHOCLOUD_TEST_ARCHES", "amd64 arm64").split() if a in ROUTER_BUILDS]
 
 
-@pytest.fixture(scope="session")
-def router_image(router_cfg) -> Path:
+def build_image(role: str, target: str = "qemu", arch: str = "amd64") -> Path:
+    """Build (or reuse: each image is built once per run) one image into OUT."""
     _require_root()
-    return build(router_cfg, OUT).artefact
+    return build(resolve(Repo(REPO), role, target=target, arch=arch), OUT).artefact
+
+
+@pytest.fixture(scope="session")
+def router_image() -> Path:
+    """The amd64 qemu router: the image the build, fleet-LAN and firstboot-robustness tests use."""
+    return build_image("router")
+
+
+@pytest.fixture(scope="session", params=ARCHES)
+def router_arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def router_cfg(router_arch):
+    target, arch = ROUTER_BUILDS[router_arch]["a"]
+    return resolve(Repo(REPO), "router", target=target, arch=arch)
+
+
+@pytest.fixture(scope="session")
+def router_images(router_arch) -> dict[str, Path]:
+    return {k: build_image("router", t, a) for k, (t, a) in ROUTER_BUILDS[router_arch].items()}
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +165,7 @@ def test_key(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lan(router_image) -> Iterator[Netns]:
+def lan(router_images) -> Iterator[Netns]:
     ns = Netns(unique_name("sct2-")).create()
     try:
         ns.add_tap("tap-rt")
@@ -148,8 +176,8 @@ def lan(router_image) -> Iterator[Netns]:
 
 
 @pytest.fixture(scope="session")
-def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str, Node]]:
-    work = tmp_path_factory.mktemp("routers")
+def routers(router_arch, router_images, test_key, lan, tmp_path_factory) -> Iterator[dict[str, Node]]:
+    work = tmp_path_factory.mktemp(f"routers-{router_arch}")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     pub = test_key.with_suffix(".pub").read_text().strip()
     wg_priv, wg_pub = wireguard_keypair()
@@ -164,13 +192,15 @@ def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str,
         "private_key": wg_priv, "address": "10.45.0.1/24", "listen_port": 51820,
         "peers": [{"public_key": peer_pub, "allowed_ips": ["10.45.0.2/32"]}]}}), work / "seed-b.img")
 
-    wan_port_a, lan_port_b = 2222, free_port()
-    vm_a = VM(router_image, [Nic("user", hostfwd=(f"tcp:127.0.0.1:{wan_port_a}-:22",)), Nic("tap", ifname="tap-rt")],
-              seed=seed_a, firmware="direct", netns=lan.name, serial_log=ARTIFACTS / "router-a.console.log",
-              workdir=work / "vm-a")
+    lan_port_b = free_port()
+    wan_port_a = free_port()
+    vm_a = VM(router_images["a"], [Nic("user", hostfwd=(f"tcp:127.0.0.1:{wan_port_a}-:22",)),
+                                    Nic("tap", ifname="tap-rt")],
+              seed=seed_a, firmware="direct", netns=lan.name,
+              serial_log=ARTIFACTS / f"router-a-{router_arch}.console.log", workdir=work / "vm-a")
     vm_a.workdir.mkdir(parents=True, exist_ok=True)
     # Router B goes through the CLI exactly as documented in the README.
-    boot_b = [sys.executable, "-m", "builder.cli", "boot", str(router_image), "--seed", str(seed_b),
+    boot_b = [sys.executable, "-m", "builder.cli", "boot", str(router_images["b"]), "--seed", str(seed_b),
               "--ssh-port", str(lan_port_b), "--firmware", "uefi"]
 
     cfg = work / "ssh_config"
@@ -185,7 +215,7 @@ def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str,
     try:
         vm_a.start()
         a_started = True
-        b = Node("rt-b", "rt-beta", CliBoot(boot_b, ARTIFACTS / "router-b.console.log"), cfg, kh_b,
+        b = Node("rt-b", "rt-beta", CliBoot(boot_b, ARTIFACTS / f"router-b-{router_arch}.console.log"), cfg, kh_b,
                  extra={"wg_public": wg_pub, "peer_public": peer_pub})
 
         def wait(node: Node, host: str, port: int, netns: str | None) -> float:
@@ -197,9 +227,9 @@ def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str,
             a.boot_seconds, b.boot_seconds = fa.result(), fb.result()
         for node in (a, b):
             _wait_login(node)
-        (ARTIFACTS / "boot-times.json").write_text(json.dumps(
-            {"router-a (direct, tap LAN)": round(a.boot_seconds, 1),
-             "router-b (sohocloud boot --firmware uefi)": round(b.boot_seconds, 1),
+        (ARTIFACTS / f"boot-times-{router_arch}.json").write_text(json.dumps(
+            {f"router-a {router_images['a'].name} (direct, tap LAN)": round(a.boot_seconds, 1),
+             f"router-b {router_images['b'].name} (sohocloud boot --firmware uefi)": round(b.boot_seconds, 1),
              "note": "both VMs booted at the same time on 2 host cores"}, indent=1))
         yield {"a": a, "b": b}
     finally:
@@ -207,8 +237,29 @@ def routers(router_image, test_key, lan, tmp_path_factory) -> Iterator[dict[str,
             if node is not None and (node is not a or a_started):
                 subprocess.run(node.ssh_argv("-O", "exit"), capture_output=True)
                 node.vm.stop()
-        shutil.copytree(work, ARTIFACTS / "work", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.qcow2", "*.img", "*.fd", "vmlinuz", "initrd.img", "id"))
+        shutil.copytree(work, ARTIFACTS / f"work-{router_arch}", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.qcow2", "*.img", "*.raw", "*.fd", "vmlinuz", "initrd.img",
+                                                      "id"))
+
+
+def disk_raw(image: Path, work: Path) -> Path:
+    """The image's whole disk as a raw file (a card image unpacked with its bmap)."""
+    from builder.vm import disk_format, unpack_card_image
+
+    return image if disk_format(image) == "qcow2" else unpack_card_image(image, work / f"{image.name}.raw")
+
+
+def partition_raw(image: Path, kind: str, work: Path) -> Path:
+    """One partition (the first of type *kind*) of an image, as a raw file."""
+    from builder.proc import run
+
+    manifest = json.loads(Path(str(image) + ".manifest.json").read_text())
+    part = next(p for p in manifest["partitions"] if p["type"] == kind)
+    disk = disk_raw(image, work)
+    out, mib = work / f"{kind}.img", 1 << 20
+    run(["qemu-img", "dd", "-f", "qcow2" if disk.name.endswith(".qcow2") else "raw", "-O", "raw", f"bs={mib}",
+         f"skip={part['start'] // mib}", f"count={part['size'] // mib}", f"if={disk}", f"of={out}"])
+    return out
 
 
 def write_router_site(path: Path, name: str, key_pub: Path, *, net: str = "10.44.0", extra: str = "") -> Path:

@@ -95,7 +95,8 @@ def test_parse_size_errors() -> None:
 def test_identity_is_deterministic_and_key_specific() -> None:
     a1, a2, b = identity(KEY_A), identity(KEY_A), identity(KEY_B)
     assert a1 == a2
-    assert set(a1) == {"disk_guid", "root_fs_uuid", "esp_vol_id", "part:esp", "part:root"}
+    assert set(a1) == {"disk_guid", "mbr_id", "root_fs_uuid", "esp_vol_id", "part:esp", "part:root"}
+    assert re.fullmatch(r"0x[0-9a-f]{8}", a1["mbr_id"])
     for k in a1:
         assert a1[k] != b[k], k
     uuids = [a1["disk_guid"], a1["root_fs_uuid"], a1["part:esp"], a1["part:root"]]
