@@ -1,6 +1,7 @@
 # sohocloud — build hardened role images and prove them in QEMU.
 #   make            deps + the default image (router, amd64, qemu)
-#   make test       deps + tier 1 (unit) + tier 2 (boot) + tier 3 (fleet) tests   <- CI runs this
+#   make test       deps + tier 1 (unit) + tier 2 (boot, amd64 + arm64) + tier 3 (fleet, mixed-arch)  <- CI runs this
+#   make test-all   make test + the site with every role on arm64 (+ k3s when its files are given)
 #   make bench      writes BENCHMARKS.md
 SHELL       := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -71,8 +72,11 @@ test-k3s: deps
 	@test -n "$${K3S_ARTIFACTS:-}" || { echo "test-k3s: set K3S_ARTIFACTS=dir (k3s + k3s-airgap-images-amd64.tar)" >&2; exit 2; }
 	$(PY) -m pytest tests/boot/test_k3s_site.py -v -rs
 
-# Everything, including the opt-in suites whose inputs are present.
+# Everything: make test, then the example site with every role on arm64 (router on a
+# Pi 4 card, NAS on a ROCK64 card, control and workstation host arm64 qemu images),
+# then the opt-in suites whose inputs are present.
 test-all: test
+	SOHOCLOUD_FLEET_ARM64=all $(PY) -m pytest tests/boot/test_fleet_site.py -v
 	@if [ -n "$${K3S_ARTIFACTS:-}" ]; then $(MAKE) test-k3s; else echo "test-all: K3S_ARTIFACTS unset, k3s suite skipped"; fi
 
 bench: deps

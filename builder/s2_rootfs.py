@@ -121,7 +121,8 @@ def _native_helper_opts(helpers: Path) -> list[str]:
     return [
         f'--extract-hook=mkdir -p "$1{NATIVE_DIR}" && cp -a {src}/. "$1{NATIVE_DIR}/" && {links} true',
         f'--aptopt=DPkg::Path "{NATIVE_DIR}:/usr/sbin:/usr/bin:/sbin:/bin"',
-        f'--customize-hook=rm -rf "$1{NATIVE_DIR}"',
+        f'--essential-hook=sh {src}/perl-shadow.sh "$1"',
+        f'--customize-hook=sh {src}/perl-shadow-undo.sh "$1" && rm -rf "$1{NATIVE_DIR}"',
     ]
 
 

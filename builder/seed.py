@@ -238,6 +238,17 @@ def _check_name(name: str) -> None:
         raise SohoError(f"seed: file name {name!r} is not allowed on the cidata volume")
 
 
+def _mcopy_files(mcopy: str, image: str, prefix: str, payload: Mapping[str, bytes], epoch: int,
+                 env: Mapping[str, str]) -> None:
+    """Copy *payload* (name -> bytes) to ::/<prefix><name> of a FAT image, each file timed *epoch*."""
+    with tempfile.TemporaryDirectory(prefix="sohocloud-seed-") as src_dir:
+        for name, data in payload.items():
+            src = Path(src_dir) / name
+            src.write_bytes(data)
+            os.utime(src, (epoch, epoch))
+            run([mcopy, "-m", "-o", "-i", image, src, f"::/{prefix}{name}"], env=env)
+
+
 def write_cidata(files: Mapping[str, str], out: str | os.PathLike[str]) -> Path:
     """Pack *files* into a FAT volume labelled CIDATA at *out* (mode 0600: it holds
     keys and role secrets). Built under a temp name beside *out* and renamed, so
@@ -263,12 +274,7 @@ def write_cidata(files: Mapping[str, str], out: str | os.PathLike[str]) -> Path:
         fd = -1
         # Volume id from the content and --invariant: the same seed gives the same bytes.
         run([mkfs, "--invariant", "-i", digest[:8], "-n", CIDATA_LABEL, tmp])
-        with tempfile.TemporaryDirectory(prefix="sohocloud-seed-") as src_dir:
-            for name, data in payload.items():
-                src = Path(src_dir) / name
-                src.write_bytes(data)
-                os.utime(src, (epoch, epoch))
-                run([mcopy, "-m", "-o", "-i", tmp, src, f"::/{name}"], env=MTOOLS_ENV)
+        _mcopy_files(mcopy, str(tmp), "", payload, epoch, MTOOLS_ENV)
         os.chmod(tmp, 0o600)
         os.replace(tmp, out)
     except CommandError as e:
@@ -316,12 +322,7 @@ def write_seed_to_fat(target: str | os.PathLike[str], offset: int, files: Mappin
     try:
         if run([mdir, "-b", "-i", image, f"::/{folder}"], env=env, capture=True, check=False).returncode:
             run([mmd, "-i", image, f"::/{folder}"], env=env)
-        with tempfile.TemporaryDirectory(prefix="sohocloud-seed-") as src_dir:
-            for name, text in files.items():
-                src = Path(src_dir) / name
-                src.write_text(text)
-                os.utime(src, (epoch, epoch))
-                run([mcopy, "-m", "-o", "-i", image, src, f"::/{folder}/{name}"], env=env)
+        _mcopy_files(mcopy, image, folder + "/", {n: t.encode() for n, t in files.items()}, epoch, env)
     except CommandError as e:
         raise SohoError(f"{target}: could not write the seed onto its FAT partition: {e}") from None
 

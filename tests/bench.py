@@ -67,7 +67,7 @@ def bare_mmdebstrap(cfg, cache: StageCache, out: Path) -> float:
     debs = cache.packages(d.name, d.suite, cfg.arch) / "debs"
     cmd = ["mmdebstrap", f"--variant={d.variant}", "--mode=root", "--format=tar", f"--architectures={cfg.arch}",
            "--skip=essential/unlink", "--aptopt=APT::Install-Recommends \"false\"",
-           f"--include={','.join(cfg.all_packages())}",
+           f"--include={','.join(cfg.all_packages() + (cfg.arch_spec.kernel_package,))}",
            f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives && cp -al {debs}/. \"$1\"/var/cache/apt/archives/",
            d.suite, str(out), d.mirror]
     seconds, _ = timed(lambda: run(cmd, env={"TMPDIR": str(cache.tmp)}, timeout=3600))
@@ -192,6 +192,63 @@ def site_bench(work: Path, key_pub: str) -> dict[str, float]:
     return r
 
 
+def arm64_bench(cfg, out_dir: Path, seed: Path, logdir: Path, boots: int) -> dict:
+    """arm64 side by side with amd64, in this run: cold builds of the same role (amd64 built again
+    right after, so both see the same spell of the host), the card images from the cached arm64
+    rootfs, and boots under TCG."""
+    repo = cfg.repo
+    arm = resolve(repo, "router", arch="arm64")
+    print("bench: arm64: warming its package cache (not measured)", flush=True)
+    build(arm, out_dir)
+    a: dict = {}
+    print("bench: arm64: cold build of the router (every stage; .debs cached)", flush=True)
+    a["cold_arm64"], res = timed(lambda: build(arm, out_dir, use_cache=False))
+    a["qcow2_arm64_mb"] = json.loads(res.manifest.read_text())["sizes"]["artefact_bytes"] / 1e6
+    print("bench: amd64: cold build again, right after", flush=True)
+    a["cold_amd64_again"], _ = timed(lambda: build(cfg, out_dir, use_cache=False))
+    for board in ("rpi4", "rock64"):
+        print(f"bench: {board} card from the cached arm64 rootfs", flush=True)
+        a[f"card_{board}"], resb = timed(lambda: build(resolve(repo, "router", target=board, arch="arm64"), out_dir))
+        m = json.loads(resb.manifest.read_text())
+        a[f"card_{board}_mb"] = m["sizes"]["artefact_bytes"] / 1e6
+        a[f"card_{board}_image"] = resb.artefact
+    samples: dict[str, list[float]] = {"ssh_arm64": [], "ssh_rpi4": []}
+    for _ in range(boots):
+        samples["ssh_arm64"].append(boot_ours(res.artefact, seed, "direct", logdir)[1])
+        samples["ssh_rpi4"].append(boot_ours(a["card_rpi4_image"], seed, "direct", logdir)[1])
+    for k, v in samples.items():
+        a[k] = statistics.median(v)
+        a[k + "_spread"] = f" ({min(v):.1f}–{max(v):.1f})" if len(v) > 1 else ""
+    return a
+
+
+def arm64_lines(r: dict, a: dict) -> list[str]:
+    amd = statistics.mean([r["cold"], a["cold_amd64_again"]])
+    ratio = a["cold_arm64"] / amd
+    return [
+        "arm64 (built through qemu-user on this amd64 host; booted on QEMU `virt`, TCG), same run:",
+        "",
+        "| measure | arm64 | amd64 | target | met |",
+        "|---|---|---|---|---|",
+        row("router cold build (all stages, .debs cached)", f"{a['cold_arm64']:.1f} s",
+            f"{r['cold']:.1f} s / {a['cold_amd64_again']:.1f} s (before / right after)", "≤ 1.5× amd64",
+            ratio <= 1.5),
+        row("router qcow2 size", f"{a['qcow2_arm64_mb']:.1f} MB", f"{r['qcow2_mb']:.1f} MB", "", None),
+        row("boot to SSH banner, direct kernel boot", f"{a['ssh_arm64']:.1f} s{a['ssh_arm64_spread']}",
+            f"{r['ssh_direct']:.1f} s", "", None),
+        row("Raspberry Pi 4 card (router) from the cached arm64 rootfs", f"{a['card_rpi4']:.1f} s, "
+            f"{a['card_rpi4_mb']:.1f} MB .img.xz", "", "", None),
+        row("ROCK64 card (router) from the cached arm64 rootfs", f"{a['card_rock64']:.1f} s, "
+            f"{a['card_rock64_mb']:.1f} MB .img.xz", "", "", None),
+        row("Pi 4 card: its kernel + root on virt, boot to SSH banner", f"{a['ssh_rpi4']:.1f} s{a['ssh_rpi4_spread']}",
+            "", "", None),
+        "",
+        f"Ratio: arm64 / amd64 cold build = {ratio:.2f} (amd64: mean of the two builds around it). "
+        "mkosi 24.3 on this machine (DEVELOPERS.md, not this run): arm64 cold 163 s, amd64 83–96 s.",
+        "",
+    ]
+
+
 def row(name: str, ours: str, base: str, target: str, ok: bool | None) -> str:
     mark = "" if ok is None else ("yes" if ok else "**no**")
     return f"| {name} | {ours} | {base} | {target} | {mark} |"
@@ -242,12 +299,14 @@ def main() -> int:
             r[k] = statistics.median(v)
             spread[k] = f" ({min(v):.1f}–{max(v):.1f})" if len(v) > 1 else ""
         stock_tar_bytes = (work / "stock.tar").stat().st_size
+        arm = arm64_bench(cfg, out_dir, seed, logdir, args.boots)
         r.update(site_bench(work, (work / "key.pub").read_text().strip()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     m = machine()
     qcow_mb = manifest["sizes"]["artefact_bytes"] / 1e6
+    r["qcow2_mb"] = qcow_mb
     tree_mb = manifest["sizes"]["tree_bytes"] / 1e6
     lines = [
         "# Benchmarks",
@@ -278,12 +337,13 @@ def main() -> int:
         f"Ratios: cold build / bare mmdebstrap = {r['cold'] / r['bare']:.2f}; "
         f"stock boot-to-login / ours (direct) = {r['stock_login'] / r['login_direct']:.2f}.",
         "",
-        "Site (`sites/example.yaml`: router, control, storage, workstation host + the desktop OCI image), "
-        "one run each:",
+        *arm64_lines(r, arm),
+        "Site (`sites/example.yaml`: router, control, workstation host (amd64), storage as an arm64 ROCK64 card "
+        "+ the desktop OCI image), one run each:",
         "",
         "| measure | sohocloud |",
         "|---|---|",
-        f"| site build, cold (5 images, every stage; .debs cached) | {r['site_cold']:.1f} s |",
+        f"| site build, cold (5 images, one of them arm64; every stage; .debs cached) | {r['site_cold']:.1f} s |",
         f"| site build, warm (nothing changed) | {r['site_warm']:.1f} s |",
         f"| fleet up: every node answers SSH (router first, then 3 in parallel, TCG, 2 cores) | {r['fleet_ssh']:.1f} s |",
         f"| fleet up: every node joined (cluster Ready, roles labelled) and both firstboot phases done | "

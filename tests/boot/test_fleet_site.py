@@ -46,6 +46,12 @@ def office(tmp_path_factory, test_key):
     d = tmp_path_factory.mktemp("office")
     text = (REPO / "sites/example.yaml").read_text()
     text = re.sub(r"(?m)^site: example$", f"site: {SITE}", text)
+    if os.environ.get("SOHOCLOUD_FLEET_ARM64") == "all":
+        # `make test-all`: every role on arm64 (router on a Pi 4 card, the rest arm64 qemu images
+        # unless the site already names a board), the desktop template built for arm64 too.
+        text = re.sub(r"(?m)^(  - \{name: \w+, role: router, [^}]*)\}", r"\1, target: rpi4, arch: arm64}", text)
+        text = re.sub(r"(?m)^(  - \{name: \w+, role: (?!router)[^}]*?)(, target: \w+, arch: \w+)?\}",
+                      lambda m: m.group(1) + (m.group(2) or ", target: qemu, arch: arm64") + "}", text)
     text = re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {test_key.with_suffix('.pub').read_text().strip()}",
                   text)
     site_file = d / f"{SITE}.yaml"
