@@ -258,6 +258,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output", default="BENCHMARKS.md")
     ap.add_argument("--boots", type=int, default=3, help="boots of each kind (median reported)")
+    ap.add_argument("--no-site", action="store_true", help="skip the example site (build + fleet up)")
     args = ap.parse_args()
     out_path = REPO / args.output
     work = Path(tempfile.mkdtemp(prefix="sohocloud-bench.", dir=StageCache().tmp))
@@ -300,7 +301,8 @@ def main() -> int:
             spread[k] = f" ({min(v):.1f}–{max(v):.1f})" if len(v) > 1 else ""
         stock_tar_bytes = (work / "stock.tar").stat().st_size
         arm = arm64_bench(cfg, out_dir, seed, logdir, args.boots)
-        r.update(site_bench(work, (work / "key.pub").read_text().strip()))
+        if not args.no_site:
+            r.update(site_bench(work, (work / "key.pub").read_text().strip()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -338,17 +340,20 @@ def main() -> int:
         f"stock boot-to-login / ours (direct) = {r['stock_login'] / r['login_direct']:.2f}.",
         "",
         *arm64_lines(r, arm),
-        "Site (`sites/example.yaml`: router, control, workstation host (amd64), storage as an arm64 ROCK64 card "
-        "+ the desktop OCI image), one run each:",
-        "",
-        "| measure | sohocloud |",
-        "|---|---|",
-        f"| site build, cold (5 images, one of them arm64; every stage; .debs cached) | {r['site_cold']:.1f} s |",
-        f"| site build, warm (nothing changed) | {r['site_warm']:.1f} s |",
-        f"| fleet up: every node answers SSH (router first, then 3 in parallel, TCG, 2 cores) | {r['fleet_ssh']:.1f} s |",
-        f"| fleet up: every node joined (cluster Ready, roles labelled) and both firstboot phases done | "
-        f"{r['fleet_joined']:.1f} s |",
-        "",
+        *([] if args.no_site else [
+            "Site (`sites/example.yaml`: router, control, workstation host (amd64), storage as an arm64 ROCK64 "
+            "card + the desktop OCI image), one run each:",
+            "",
+            "| measure | sohocloud |",
+            "|---|---|",
+            f"| site build, cold (5 images, one of them arm64; every stage; .debs cached) | {r['site_cold']:.1f} s |",
+            f"| site build, warm (nothing changed) | {r['site_warm']:.1f} s |",
+            f"| fleet up: every node answers SSH (router first, then 3 in parallel, TCG, 2 cores) | "
+            f"{r['fleet_ssh']:.1f} s |",
+            f"| fleet up: every node joined (cluster Ready, roles labelled) and both firstboot phases done | "
+            f"{r['fleet_joined']:.1f} s |",
+            ""]),
+        *(["Site figures: not measured in this run (`--no-site`).", ""] if args.no_site else []),
         f"Boot times: median of {args.boots} boots of each kind (min–max), interleaved; from QEMU start; SSH is first seen by a probe polling the forwarded port "
         "(first firstboot included: seed read, host key generated). Console logs: `out/bench-logs/`.",
         "",
