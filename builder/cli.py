@@ -66,7 +66,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .s1_resolve import Repo, resolve
 
     cfg = resolve(Repo(repo_root()), args.role, target=args.target, arch=args.arch, distro=args.distro)
-    _check_host_tools(["mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "qemu-img", "systemctl"])
+    _check_build_host([cfg])
     result = build(cfg, Path(args.output), cache=StageCache(), use_cache=not args.no_cache, explain=args.explain)
     print(result.artefact)
     return 0
@@ -126,7 +126,7 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
     extra = sorted({(ref.role, arch, ref.target) for role, arch, _t in site.builds()
                     for ref in profiles[role].images} - set(site.builds()))
     cfgs += [resolve(repo, role, target=target, arch=arch) for role, arch, target in extra]
-    _check_host_tools(["mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "qemu-img", "systemctl"])
+    _check_build_host(cfgs)
     secrets = SiteSecrets(Path(args.secrets) / site.name)
     out = Path(args.output)
     cache = StageCache()
@@ -138,6 +138,12 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
     for node in site.nodes:
         seed = write_node_seed(site, node, secrets, seeds, profiles, site_text)
         log.info("fleet %s: seed for %s (%s) -> %s", site.name, node.name, node.role, seed)
+        node_cfg = next(c for c in cfgs if (c.role, c.arch, c.target_name) == (node.role, node.arch, node.target))
+        if "img.xz" in node_cfg.target.outputs:
+            from .pipeline import artefact_path
+
+            log.info("fleet %s: %s is an SD card: sohocloud flash %s /dev/sdX --seed %s", site.name, node.name,
+                     artefact_path(node_cfg, out), seed)
     print(seeds)
     return 0
 
@@ -192,6 +198,18 @@ def cmd_fleet_ssh(args: argparse.Namespace) -> int:
     argv = fleet_ssh_argv(site, Path(args.output), args.node, args.after_dashes, args.identity)
     os.execvp(argv[0], argv)
     return 127  # not reached
+
+
+def _check_build_host(cfgs) -> None:
+    """Before any long work: the host tools these builds use, and qemu-user for a foreign arch."""
+    from .s2_rootfs import check_foreign_arch
+
+    tools = ["mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "qemu-img", "systemctl", "depmod"]
+    if any("img.xz" in c.target.outputs for c in cfgs):
+        tools += ["bmaptool", "xz"]
+    _check_host_tools(tools)
+    for arch in sorted({c.arch for c in cfgs}):
+        check_foreign_arch(arch)
 
 
 def _check_host_tools(tools: list[str]) -> None:

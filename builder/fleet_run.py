@@ -24,6 +24,7 @@ from .errors import SohoError
 from .netlab import Netns
 from .pipeline import artefact_path
 from .s6_manifest import recorded_sha256
+from .cache import sha256_file
 from .proc import run
 from .s1_resolve import Repo, resolve
 from .site import Site, SiteNode
@@ -151,6 +152,10 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
             # The overlay is only valid on the very bytes it was made on (builds are not
             # byte-reproducible yet): stamp it with the image's sha256.
             built = recorded_sha256(out, images[node.name]) or ""
+            if "seed_partition" in manifest:
+                # A card carries its seed on its boot partition (written when the disk is made,
+                # as `flash --seed` does): a new seed is a freshly written card (data disks stay).
+                built += " seed " + sha256_file(paths.seed(node.name))
             stamp = paths.run / f"{node.name}.image"
             if disk.exists() and (node.name in reimage or not stamp.is_file() or stamp.read_text() != built):
                 log.info("fleet %s: %s was re-imaged: fresh root disk", site.name, node.name)

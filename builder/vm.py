@@ -239,6 +239,7 @@ class VM:
     serial_log: Path | None = None
     disk: Path | None = None  # persistent overlay (kept between boots)
     extra_disks: tuple[tuple[Path, str], ...] = ()  # (qcow2, serial), kept by the caller
+    disk_size: str | None = None  # a bigger disk than the image (e.g. "2G": a card larger than its image)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sohocloud-vm.")))
     proc: subprocess.Popen | None = None
     started: float = 0.0
@@ -272,7 +273,8 @@ class VM:
         disk = self.disk or self.workdir / "overlay.qcow2"
         base = self.base_disk(manifest)
         if not disk.exists():
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(base), "-b", base, disk])
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(base), "-b", base, disk,
+                 *([self.disk_size] if self.disk_size else [])])
         boot = uefi_vars = None
         if self.firmware == "direct":
             boot = extract_boot_files(base, manifest, self.workdir, spec.append)

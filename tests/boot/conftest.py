@@ -125,6 +125,7 @@ ROUTER_BUILDS = {
     "amd64": {"a": ("qemu", "amd64"), "b": ("qemu", "amd64")},
     "arm64": {"a": ("rpi4", "arm64"), "b": ("qemu", "arm64")},
 }
+CARD_SIZE = "2G"  # router A's disk: larger than any image, like a card larger than the image on it
 ARCHES = [a for a in os.environ.get("SOHOCLOUD_TEST_ARCHES", "amd64 arm64").split() if a in ROUTER_BUILDS]
 
 
@@ -197,7 +198,8 @@ def routers(router_arch, router_images, test_key, lan, tmp_path_factory) -> Iter
     vm_a = VM(router_images["a"], [Nic("user", hostfwd=(f"tcp:127.0.0.1:{wan_port_a}-:22",)),
                                     Nic("tap", ifname="tap-rt")],
               seed=seed_a, firmware="direct", netns=lan.name,
-              serial_log=ARTIFACTS / f"router-a-{router_arch}.console.log", workdir=work / "vm-a")
+              serial_log=ARTIFACTS / f"router-a-{router_arch}.console.log", workdir=work / "vm-a",
+              disk_size=CARD_SIZE)  # a card image grows into the rest of the card on first boot
     vm_a.workdir.mkdir(parents=True, exist_ok=True)
     # Router B goes through the CLI exactly as documented in the README.
     boot_b = [sys.executable, "-m", "builder.cli", "boot", str(router_images["b"]), "--seed", str(seed_b),

@@ -281,6 +281,23 @@ def test_core_dumps_disabled(router_a):
     assert "DefaultLimitCORE=0" in router_a.run("sudo -n systemctl show -p DefaultLimitCORE").stdout
 
 
+def test_root_fills_a_larger_card(router_a, router_images):
+    """Router A's disk is 2 GiB, larger than its image: a card image's root grows into it on first
+    boot (MBR entry, partx, resize2fs); a qemu image's root stays as built."""
+    manifest = json.loads(Path(str(router_images["a"]) + ".manifest.json").read_text())
+    size = int(router_a.run("df -B1 --output=size / | tail -n1").stdout)
+    log = router_a.run("sudo journalctl -b -u sohocloud-firstboot --no-pager").stdout
+    root = next(p for p in manifest["partitions"] if p["type"] == "root")
+    if manifest.get("grow_root"):
+        assert "grow root: " in log and "now fills" in log, log[-2000:]
+        assert size > (2 << 30) - root["start"] - (128 << 20), f"root is {size >> 20} MiB on a 2 GiB card"
+        parts = router_a.run("cat /proc/partitions").stdout
+        assert re.search(r"\b(\d+)\s+vda2$", parts, re.M)
+    else:
+        assert "grow root" not in log
+        assert size <= root["size"]
+
+
 def test_no_failed_units(router_a):
     failed = router_a.run("sudo -n systemctl --failed --no-legend --plain").stdout.strip()
     assert failed == "", failed
