@@ -9,9 +9,11 @@ Debian: one mmdebstrap run.  What keeps it fast:
   depend on the target: an arm64 role's tree serves qemu, rpi4 and rock64;
 - foreign arch (qemu-user): dpkg's hot helpers run as native code during the
   install (builder/native/: dpkg-deb's decompression, dpkg-split's probe, rm,
-  basename via a static busybox of the host's arch), and two pure wastes are
-  skipped (host keys the image never keeps, byte-compiling that compile_python
-  does natively afterwards). They live in /.sohocloud-native for the install only;
+  basename via a static busybox of the host's arch; the host's perl for the
+  maintainer scripts' Perl when it is the image's version), and two pure wastes
+  are skipped (host keys the image never keeps; byte-compiling, which
+  _compile_python_in_tar does natively afterwards). They live in
+  /.sohocloud-native for the install only and are gone before the tree is packed;
 - the shared package cache is hard-linked in and out, so a rebuild downloads
   no .deb (a bind mount would let mmdebstrap's error cleanup empty the cache).
 """
@@ -232,7 +234,11 @@ def _native_helpers(cfg: BuildConfig, cache: StageCache, *, use_cache: bool) -> 
         run(["tar", "-xf", tar.path, "-C", tmp, "./bin/busybox"])
         shutil.copytree(NATIVE_HELPERS, tmp / "h", symlinks=True)
         os.replace(tmp / "bin/busybox", tmp / "h/busybox")
-        os.replace(tmp / "h", helpers)
+        try:
+            os.replace(tmp / "h", helpers)
+        except OSError:
+            if not (helpers / "busybox").is_file():  # not a concurrent build that got there first
+                raise
         shutil.rmtree(tmp)
     return helpers
 

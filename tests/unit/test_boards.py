@@ -89,32 +89,24 @@ def test_blob_overlaps_and_overruns_are_refused(tmp_path: Path) -> None:
         place_blobs((RawBlob("missing.img", 64),), tmp_path, 16 * MIB)
 
 
-def test_raw_blob_inside_the_partition_table_is_a_config_error(repo: Path) -> None:
-    f = repo / "images/rock64.yaml"
-    edit(f, "sector: 64}", "sector: 0}")
-    msg = config_error(repo, target="rock64")
-    assert f"{f}:" in msg and "raw_blobs[0].sector" in msg and "after the mbr table" in msg
+# A bad board file: the error names the file (and line), the key and what was expected.
+BAD_BOARDS = [
+    ("rock64", "sector: 64}", "sector: 0}", ["raw_blobs[0].sector", "after the mbr table"]),
+    ("rock64", "partitions_start: 16M", "partitions_start: 4M", ["raw_blobs[1].sector", "before partitions_start (8192)"]),
+    ("rpi4", "seed_dir: /boot/firmware/sohocloud", "seed_dir: /srv/seed", ["seed_dir", "below no partition's mount"]),
+    ("rpi4", "{name: boot, type: boot,", "{name: boot, type: esp,", ["bootloader 'files' needs a partition of type boot"]),
+]
 
 
-def test_blob_past_partitions_start_is_a_config_error(repo: Path) -> None:
-    f = repo / "images/rock64.yaml"
-    edit(f, "partitions_start: 16M", "partitions_start: 4M")
-    msg = config_error(repo, target="rock64")
-    assert "raw_blobs[1].sector" in msg and "before partitions_start (8192)" in msg
-
-
-def test_seed_dir_must_be_on_a_mounted_partition(repo: Path) -> None:
-    f = repo / "images/rpi4.yaml"
-    edit(f, "seed_dir: /boot/firmware/sohocloud", "seed_dir: /srv/seed")
-    msg = config_error(repo, target="rpi4")
-    assert f"{f}:" in msg and "seed_dir" in msg and "below no partition's mount" in msg
-
-
-def test_files_bootloader_needs_a_boot_partition(repo: Path) -> None:
-    f = repo / "images/rpi4.yaml"
-    edit(f, "{name: boot, type: boot,", "{name: boot, type: esp,")
-    msg = config_error(repo, target="rpi4")
-    assert "bootloader 'files' needs a partition of type boot" in msg
+@pytest.mark.parametrize("board,old,new,expected", BAD_BOARDS, ids=["blob-in-table", "blob-past-start",
+                                                                  "seed-dir-unmounted", "no-boot-partition"])
+def test_bad_board_file_is_a_config_error(repo: Path, board, old, new, expected) -> None:
+    f = repo / f"images/{board}.yaml"
+    edit(f, old, new)
+    msg = config_error(repo, target=board)
+    assert f"{f}:" in msg
+    for part in expected:
+        assert part in msg, msg
 
 
 def test_seed_location_on_the_card() -> None:
