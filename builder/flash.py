@@ -88,7 +88,8 @@ def check_device(dev: Path, *, force: bool, sys_root: Path = Path("/sys"), proc_
     numbers = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     sysfs = Path(os.path.realpath(sys_root / "dev/block" / numbers))
     if (sysfs / "partition").is_file():
-        raise SohoError(f"{dev}: a partition of /dev/{sysfs.parent.name}; give the whole card (/dev/{sysfs.parent.name})")
+        disk = sysfs.parent.name
+        raise SohoError(f"{dev}: a partition of /dev/{disk}; give the whole card (/dev/{disk})")
     name = sysfs.name
     ours = _dev_numbers(sysfs)
     rdev = os.stat("/").st_dev if root_dev is None else root_dev

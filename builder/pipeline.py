@@ -16,8 +16,7 @@ from .s1_resolve import BuildConfig
 from .s2_rootfs import (build_bootfiles, build_kernel, build_rootfs, extract_tar, kernel_inputs, rootfs_inputs,
                         source_date_epoch)
 from .s3_customise import customise, customise_inputs
-from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel, install_kernel, kernel_members
-from .proc import run
+from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel, install_kernel
 from .s5_assemble import (BOOTLOADERS, GPT_TAIL, board_boot_files, fat_uuid, identity, make_esp, make_ext4,
                           place_blobs, plan_layout, sfdisk_script, to_img_xz, to_qcow2, tree_size, write_disk)
 from .s5_oci import write_oci_archive
@@ -110,13 +109,7 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
             extract_tar(bootfiles.path, boot)
         facts = customise(cfg, root, ident)
         if kernel is not None:
-            names = run(["tar", "-tf", kernel.path], capture=True).stdout.splitlines()
-            wanted = work / "kernel.members"
-            wanted.write_text("\n".join(kernel_members(names, cfg.kernel_module_paths())) + "\n")
-            (work / "kernel").mkdir()
-            run(["tar", "--numeric-owner", "--no-recursion", "-xpf", kernel.path, "-C", work / "kernel",
-                 "-T", wanted])
-            facts["packages"].update(install_kernel(root, work / "kernel", cfg.kernel_module_paths()))
+            facts["packages"].update(install_kernel(root, kernel.path, work / "kernel", cfg.kernel_module_paths()))
             facts["packages"] = dict(sorted(facts["packages"].items()))
         log.info("customise: done (%d packages)", len(facts["packages"]))
         if cfg.target.kind == "node":
@@ -163,11 +156,11 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
 def seed_location(t) -> dict:
     """Where a card's seed files go: the partition mounted above the target's seed_dir, and the
     folder on it (e.g. boot + sohocloud for /boot/firmware/sohocloud)."""
-    for p in t.partitions:
-        if t.seed_dir and p.mount and (t.seed_dir + "/").startswith(p.mount.rstrip("/") + "/"):
-            return {"seed_dir": t.seed_dir,
-                    "seed_partition": {"name": p.name, "folder": t.seed_dir[len(p.mount.rstrip("/")) + 1:]}}
-    return {}
+    p = t.seed_partition()
+    if p is None:
+        return {}
+    folder = t.seed_dir[len(p.mount.rstrip("/")) + 1:]
+    return {"seed_dir": t.seed_dir, "seed_partition": {"name": p.name, "folder": folder}}
 
 
 def _assemble_disk(cfg: BuildConfig, root: Path, boot: Path, kernel_tree: Path, work: Path, artefact: Path,

@@ -309,8 +309,7 @@ def _check_disk_layout(t: Target, v: Validator, repo: Repo) -> None:
         v.fail(("grow_root",), "growing the root partition on first boot is implemented for MBR disks")
     if t.grow_root and t.partitions and t.partitions[-1].type != "root":
         v.fail(("grow_root",), "the root partition must be the last one to grow into the free space")
-    if t.seed_dir and not any(p.mount and (t.seed_dir + "/").startswith(p.mount.rstrip("/") + "/")
-                              for p in t.partitions):
+    if t.seed_dir and t.seed_partition() is None:
         v.fail(("seed_dir",), f"{t.seed_dir} is below no partition's mount (e.g. mount: /boot/firmware)")
     if t.boot_templates and not (repo.images / t.boot_templates).is_dir():
         v.fail(("boot_templates",), f"no folder {repo.images / t.boot_templates}")

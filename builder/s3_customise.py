@@ -487,8 +487,7 @@ def install_node_parts(cfg: BuildConfig, root: Path, identity: dict[str, str]) -
         # still boots (and says that it found no seed).
         (root / "etc/sohocloud").mkdir(parents=True, exist_ok=True)
         (root / "etc/sohocloud/seed-dirs").write_text(f"# NoCloud seed files (target {t.name})\n{t.seed_dir}\n")
-        mounts = [p.mount for p in t.partitions if p.mount and (t.seed_dir + "/").startswith(p.mount.rstrip("/") + "/")]
-        unit = mount_unit(mounts[0])
+        unit = mount_unit(t.seed_partition().mount)
         dropin = root / "usr/lib/systemd/system/sohocloud-firstboot.service.d/seed-dir.conf"
         dropin.parent.mkdir(parents=True, exist_ok=True)
         dropin.write_text(f"# the seed directory {t.seed_dir} is on this mount\n[Unit]\nWants={unit}\nAfter={unit}\n")

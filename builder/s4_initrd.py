@@ -61,42 +61,34 @@ def kernel_members(names: list[str], module_paths: tuple[str, ...]) -> list[str]
     return out
 
 
-def install_kernel(root: Path, kernel_tree: Path, module_paths: tuple[str, ...]) -> dict[str, str]:
-    """Put the natively extracted kernel into the image tree: the kernel image, the
-    modules below the listed subtrees of kernel/ (nothing else is ever copied) and
-    the module indexes; then the host's depmod. Returns {package: version}."""
+def install_kernel(root: Path, kernel_tar: Path, work: Path, module_paths: tuple[str, ...]) -> dict[str, str]:
+    """Put the natively extracted kernel (the kernel stage's tar) into the image tree: the kernel
+    image, the module indexes and only the modules below the listed subtrees of kernel/ (the
+    rest is never unpacked), then the host's depmod. DTBs stay in *work* for a board's boot
+    partition (stage 5), not in the root. Returns {package: version}."""
     import shutil
 
     from .proc import run
 
-    mods = sorted((kernel_tree / "lib/modules").iterdir())
+    names = run(["tar", "-tf", kernel_tar], capture=True).stdout.splitlines()
+    members = work.with_name(work.name + ".members")
+    members.write_text("\n".join(kernel_members(names, module_paths)) + "\n")
+    work.mkdir()
+    run(["tar", "--numeric-owner", "--no-recursion", "-xpf", kernel_tar, "-C", work, "-T", members])
+    mods = sorted((work / "lib/modules").iterdir())
     if len(mods) != 1:
         raise SohoError(f"expected exactly one kernel in the kernel package, found {[m.name for m in mods]}")
     version = mods[0].name
     dest = root / "lib/modules" / version  # /lib is /usr/lib in a merged-/usr tree
     if dest.exists():
         shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for f in mods[0].iterdir():
-        if f.is_file():
-            shutil.copy2(f, dest / f.name)
-    src_kernel = mods[0] / "kernel"
-    count = 0
-    for dirpath, _dirs, files in os.walk(src_kernel):
-        for name in files:
-            p = Path(dirpath) / name
-            rel = p.relative_to(src_kernel).as_posix()
-            if module_selected(rel, module_paths):
-                (dest / "kernel" / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(p, dest / "kernel" / rel)
-                count += 1
+    shutil.copytree(mods[0], dest)
     (root / "boot").mkdir(exist_ok=True)
-    for f in (kernel_tree / "boot").iterdir():
+    for f in (work / "boot").iterdir():
         shutil.copy2(f, root / "boot" / f.name)
-    # DTBs stay out of the root: a board's firmware reads them from its boot partition (stage 5).
     run(["depmod", "-b", root, version])
-    log.info("kernel: %s, %d modules", version, count)
-    return parse_package_versions((kernel_tree / "packages").read_text())
+    log.info("kernel: %s, %d modules", version, sum(1 for _ in (dest / "kernel").rglob("*.ko*")))
+    return parse_package_versions((work / "packages").read_text())
 
 
 def parse_package_versions(text: str) -> dict[str, str]:

@@ -120,7 +120,8 @@ def place_blobs(blobs, tree: Path, limit: int) -> list[PlacedBlob]:
         out.append(PlacedBlob(path, b.sector * SECTOR, path.stat().st_size))
     for a, b in zip(out, out[1:]):
         if a.offset + a.size > b.offset:
-            raise SohoError(f"raw blob {a.path.name} ({a.size} bytes at {a.offset}) overlaps {b.path.name} at {b.offset}")
+            raise SohoError(f"raw blob {a.path.name} ({a.size} bytes at {a.offset}) overlaps {b.path.name} "
+                            f"at {b.offset}")
     if out and out[-1].offset + out[-1].size > limit:
         last = out[-1]
         raise SohoError(f"raw blob {last.path.name} ends at byte {last.offset + last.size}, after the first "

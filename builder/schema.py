@@ -283,6 +283,13 @@ class Target:
     packages: tuple[str, ...] = ()
     vars: dict[str, Any] = field(default_factory=dict)  # for boot_templates
 
+    def seed_partition(self) -> Partition | None:
+        """The partition whose mount holds seed_dir (a card's FAT boot partition), if any."""
+        for p in self.partitions:
+            if self.seed_dir and p.mount and (self.seed_dir + "/").startswith(p.mount.rstrip("/") + "/"):
+                return p
+        return None
+
 
 # --------------------------------------------------------------------------- validator
 
