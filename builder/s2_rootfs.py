@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import py_compile
+import re
 import shlex
 import shutil
 import tempfile
@@ -71,6 +73,7 @@ def _code_hash() -> str:
 
 
 NATIVE_HELPERS = Path(__file__).with_name("native")
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # the distro's tools only
 NATIVE_DIR = "/.sohocloud-native"  # inside the tree during the install only
 NATIVE_APPLETS = ("rm", "basename")  # busybox applets that stand in for coreutils there
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
@@ -123,8 +126,9 @@ def _native_helper_opts(helpers: Path) -> list[str]:
     return [
         f'--extract-hook=mkdir -p "$1{NATIVE_DIR}" && cp -a {src}/. "$1{NATIVE_DIR}/" && {links} true',
         f'--aptopt=DPkg::Path "{NATIVE_DIR}:/usr/sbin:/usr/bin:/sbin:/bin"',
-        f'--essential-hook=sh {src}/perl-shadow.sh "$1"',
-        f'--customize-hook=sh {src}/perl-shadow-undo.sh "$1" && rm -rf "$1{NATIVE_DIR}"',
+        f'--essential-hook=sh {src}/perl-shadow.sh "$1" && sh {src}/stdlib-compile-divert.sh "$1"',
+        f'--customize-hook=sh {src}/perl-shadow-undo.sh "$1" && sh {src}/stdlib-compile-undo.sh "$1" '
+        f'&& rm -rf "$1{NATIVE_DIR}"',
     ]
 
 
@@ -153,9 +157,12 @@ def _mmdebstrap(d, arch: str, cache: StageCache, out: Path, *, variant: str, pac
         str(out),
         *apt_sources(d),
     ]
-    env = {"INITRD": "No", "TMPDIR": str(cache.tmp), "SOURCE_DATE_EPOCH": source_date_epoch()}
+    # The system PATH, not the caller's: mmdebstrap starts `#!/usr/bin/env python3` helpers
+    # (mmtarfilter, once per essential package) and a user's version-manager shim there
+    # (pyenv's costs 0.1 s a start) must not slow or change the build.
+    env = {"INITRD": "No", "TMPDIR": str(cache.tmp), "SOURCE_DATE_EPOCH": source_date_epoch(), "PATH": SYSTEM_PATH}
     if native is not None:  # mmdebstrap's own dpkg --install of the essential set uses this PATH
-        env["PATH"] = f"{NATIVE_DIR}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        env["PATH"] = f"{NATIVE_DIR}:{SYSTEM_PATH}"
     # One mmdebstrap per package cache at a time: apt's lists are shared.
     with locked(pkg_cache / ".lock"):
         suites = [line.split()[2] for line in apt_sources(d)]
@@ -244,32 +251,86 @@ def _native_helpers(cfg: BuildConfig, cache: StageCache, *, use_cache: bool) -> 
 
 
 def _compile_python_in_tar(tar: Path, cache: StageCache) -> None:
-    """Byte-compile dist-packages (what py3compile would have done) with the host's Python, when it is
-    the image's version: bytecode is the same on every CPU. Rewrites the tar in place."""
+    """Byte-compile what the install left uncompiled (native_helpers' py3compile and the stdlib
+    wrapper skip it): the standard library, as python3.11-minimal's postinst would, and
+    dist-packages, as py3compile would. With the host's Python when it is the image's version
+    (bytecode is the same on every CPU): only the Python trees are unpacked and the .pyc files
+    appended to the tar (*tar* is the stage's own temp output). Else with the image's own
+    Python through qemu-user, in a whole unpacked tree."""
     import sys
 
+    names = run(["tar", "-tf", tar], capture=True).stdout.splitlines()
+    wanted = [n for n in names if re.match(r"\./(usr/lib/python3[./]|etc/python3)", n)]
+    tag = image_python_tag_from_names(names)
+    if tag is None:
+        return
     work = Path(tempfile.mkdtemp(prefix="pyc.", dir=cache.tmp))
     try:
-        extract_tar(tar, work)
-        from .s3_customise import image_python_tag
-
-        tag = image_python_tag(work)
         if tag != sys.implementation.cache_tag:
-            log.info("rootfs: image Python %s differs from ours (%s): dist-packages stay uncompiled", tag,
+            log.info("rootfs: image Python %s differs from ours (%s): compiling it under emulation", tag,
                      sys.implementation.cache_tag)
+            extract_tar(tar, work)
+            run(["chroot", work, "/usr/bin/python3", "-m", "compileall", "-q", *_python_dirs(work, "/")])
+            tmp = tar.with_name(tar.name + ".tmp")
+            run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
+                 f"--mtime=@{source_date_epoch()}", "--clamp-mtime", "-cf", tmp, "-C", work, "."])
+            os.replace(tmp, tar)
             return
         import compileall
 
-        for rel in ("usr/lib/python3/dist-packages",):
-            d = work / rel
-            if d.is_dir():
-                compileall.compile_dir(str(d), quiet=1, stripdir=str(work), prependdir="/", workers=2)
-        tmp = tar.with_name(tar.name + ".tmp")
-        run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
-             f"--mtime=@{source_date_epoch()}", "--clamp-mtime", "-cf", tmp, "-C", work, "."])
-        os.replace(tmp, tar)
+        run(["tar", "--numeric-owner", "--no-recursion", "-xpf", tar, "-C", work, "-T", "-"],
+            input="\n".join(wanted) + "\n")
+        before = {p for p in work.rglob("*")}
+        for d in _python_dirs(work, str(work)):
+            # rx: links out of the tree (sitecustomize.py -> /etc/...) would be read from the host's
+            # /etc; _compile_tree_links compiles them from the tree's own target.
+            compileall.compile_dir(d, quiet=1, stripdir=str(work), prependdir="/", workers=2,
+                                   rx=_PYC_SKIP, invalidation_mode=_PYC_MODE)
+            _compile_tree_links(work, Path(d), tag)
+        added = sorted(p for p in work.rglob("*") if p not in before)
+        for p in added:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if added:
+            run(["tar", "--numeric-owner", "--owner=0", "--group=0", "--no-recursion",
+                 f"--mtime=@{source_date_epoch()}", "--clamp-mtime", "-rf", tar, "-C", work, "-T", "-"],
+                input="\n".join("./" + str(p.relative_to(work)) for p in added) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def image_python_tag_from_names(names: list[str]) -> str | None:
+    """cache_tag of the image's python3 (e.g. cpython-311), from the tar's member names."""
+    found = sorted({m[1] for n in names if (m := re.match(r"\./usr/lib/python(3\.[0-9]+)/?$", n))},
+                   key=lambda v: tuple(int(x) for x in v.split(".")))
+    if not found:
+        return None
+    major, minor = found[-1].split(".")
+    return f"cpython-{major}{minor}"
+
+
+def _python_dirs(root: Path, prefix: str) -> list[str]:
+    """The trees python3.X's postinsts and py3compile compile, as paths under *prefix*."""
+    rels = [p.relative_to(root) for p in (*sorted(root.glob("usr/lib/python3.[0-9]*")),
+                                          root / "usr/lib/python3/dist-packages") if p.is_dir()]
+    return [str(Path(prefix) / r) for r in rels]
+
+
+_PYC_SKIP = re.compile(r"/sitecustomize\.py$")
+# What the maintainer scripts' own compiling writes with SOURCE_DATE_EPOCH set (as in our
+# mmdebstrap run): checked-hash .pyc, valid whatever the file times.
+_PYC_MODE = py_compile.PycInvalidationMode.CHECKED_HASH
+
+
+def _compile_tree_links(root: Path, d: Path, tag: str) -> None:
+    """Byte-compile the .py links in *d* that _PYC_SKIP left out, reading their target inside
+    *root*; a dangling one stays uncompiled, as python3.11-minimal's postinst leaves it."""
+    for link in (p for p in d.glob("sitecustomize.py") if p.is_symlink()):
+        target = os.readlink(link)
+        src = root / target.lstrip("/") if target.startswith("/") else link.parent / target
+        if src.is_file():
+            py_compile.compile(str(src), cfile=str(d / "__pycache__" / f"{link.stem}.{tag}.pyc"),
+                               dfile="/" + str(link.relative_to(root)), doraise=True,
+                               invalidation_mode=_PYC_MODE)
 
 
 def kernel_inputs(cfg: BuildConfig) -> dict[str, str]:

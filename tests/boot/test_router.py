@@ -298,6 +298,23 @@ def test_root_fills_a_larger_card(router_a, router_images):
         assert size <= root["size"]
 
 
+def test_no_build_time_helper_left_in_the_image(router_a):
+    """A foreign-arch build runs host tools in the tree during the install (builder/native/): none
+    of them, their diversion or backup may reach the image; the packaged binaries are back."""
+    assert router_a.run("test -e /.sohocloud-native", check=False).returncode == 1
+    diversions = router_a.run("dpkg-divert --list").stdout
+    assert "sohocloud" not in diversions, diversions
+    assert router_a.run("test -e /var/lib/dpkg/diversions-old", check=False).returncode == 1
+    for binary in ("/usr/bin/python3.11", "/usr/bin/perl"):
+        head = router_a.run(f"head -c4 {binary} | od -An -c").stdout.split()
+        assert head == ["177", "E", "L", "F"], (binary, head)
+    # The standard library came with its bytecode (compiled natively for a foreign arch).
+    assert router_a.run("test -f /usr/lib/python3.11/__pycache__/os.cpython-311.pyc", check=False).returncode == 0
+    # Every file the packages install is theirs again (docs and man pages are never unpacked).
+    verify = router_a.run("dpkg --verify python3.11-minimal libpython3.11-minimal perl-base", check=False).stdout
+    assert [line for line in verify.splitlines() if not line.startswith("missing ")] == [], verify
+
+
 def test_no_failed_units(router_a):
     failed = router_a.run("sudo -n systemctl --failed --no-legend --plain").stdout.strip()
     assert failed == "", failed

@@ -1,0 +1,78 @@
+"""Stage 2 helpers that run on the host: the native byte-compiling of a foreign-arch tree."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder import s2_rootfs
+from builder.cache import StageCache
+
+
+def _tar(tree: Path, out: Path) -> None:
+    subprocess.run(["tar", "--numeric-owner", "-cf", out, "-C", tree, "."], check=True)
+
+
+def _names(tar: Path) -> list[str]:
+    return subprocess.run(["tar", "-tf", tar], check=True, capture_output=True, text=True).stdout.splitlines()
+
+
+def test_python_tag_from_member_names():
+    names = ["./", "./usr/lib/python3/", "./usr/lib/python3.9/", "./usr/lib/python3.11/", "./usr/lib/python3.11/os.py"]
+    assert s2_rootfs.image_python_tag_from_names(names) == "cpython-311"
+    assert s2_rootfs.image_python_tag_from_names(["./", "./usr/lib/", "./usr/lib/python3/"]) is None
+
+
+def test_compile_appends_checked_hash_pyc_for_stdlib_dist_packages_and_the_etc_link(tmp_path):
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    tree = tmp_path / "tree"
+    stdlib = tree / f"usr/lib/python{ver}"
+    dist = tree / "usr/lib/python3/dist-packages/pkg"
+    etc = tree / f"etc/python{ver}"
+    for d in (stdlib, dist, etc, tree / "usr/bin"):
+        d.mkdir(parents=True)
+    (stdlib / "mod.py").write_text("X = 1\n")
+    (dist / "__init__.py").write_text("Y = 2\n")
+    (etc / "sitecustomize.py").write_text("Z = 3\n")
+    os.symlink(f"/etc/python{ver}/sitecustomize.py", stdlib / "sitecustomize.py")
+    (tree / "usr/bin/tool").write_text("untouched\n")
+    tar = tmp_path / "rootfs.tar"
+    _tar(tree, tar)
+    before = _names(tar)
+
+    s2_rootfs._compile_python_in_tar(tar, StageCache(tmp_path / "cache"))
+
+    names = _names(tar)
+    assert names[: len(before)] == before  # appended, nothing rewritten
+    tag = sys.implementation.cache_tag
+    added = set(names[len(before):])
+    assert {f"./usr/lib/python{ver}/__pycache__/mod.{tag}.pyc",
+            f"./usr/lib/python{ver}/__pycache__/sitecustomize.{tag}.pyc",
+            f"./usr/lib/python3/dist-packages/pkg/__pycache__/__init__.{tag}.pyc"} <= added
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", tar, "-C", out], check=True)
+    pyc = out / f"usr/lib/python{ver}/__pycache__/sitecustomize.{tag}.pyc"
+    flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
+    assert flags == 0b11  # checked hash, as py_compile writes it under SOURCE_DATE_EPOCH
+    assert oct(pyc.stat().st_mode & 0o777) == "0o644"
+    # The link's .pyc is compiled from the tree's /etc file (not the host's), named as the link.
+    code = marshal.loads(pyc.read_bytes()[16:])
+    assert "Z" in code.co_names
+    assert code.co_filename == f"/usr/lib/python{ver}/sitecustomize.py"
+
+
+def test_compile_leaves_a_tree_without_python_alone(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/tool").write_text("x\n")
+    tar = tmp_path / "rootfs.tar"
+    _tar(tree, tar)
+    data = tar.read_bytes()
+    s2_rootfs._compile_python_in_tar(tar, StageCache(tmp_path / "cache"))
+    assert tar.read_bytes() == data
