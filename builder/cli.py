@@ -105,7 +105,7 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
     from .cache import StageCache
     from .fleet import SiteSecrets, find_providers, k3s_files, write_node_seed
     from .s1_resolve import load_profile
-    from .pipeline import build
+    from .pipeline import artefact_path, build
     from .s1_resolve import Repo, resolve
     from .site import load_site, site_path
 
@@ -121,7 +121,13 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
             for role, arch, target in site.builds()]
     profiles = {cfg.role: cfg.profile for cfg in cfgs}
     # Every role's profile, so an error can name the roles that would provide a missing service.
-    find_providers(site, {r: profiles.get(r) or load_profile(repo, r) for r in repo.roles()})
+    providers = find_providers(site, {r: profiles.get(r) or load_profile(repo, r) for r in repo.roles()})
+    node_cfg = {n.name: next(c for c in cfgs if (c.role, c.arch, c.target_name) == (n.role, n.arch, n.target))
+                for n in site.nodes}
+    netboot = [n for n in site.nodes if node_cfg[n.name].target.netboot]
+    if netboot and "pxe" not in providers:
+        raise SohoError(f"site {site.name}: {', '.join(n.name for n in netboot)} boot(s) from the network, but no "
+                        "node provides pxe (the router's role does, through profiles/pxe-server.yaml)")
     # Images the nodes' roles use besides their own (e.g. the desktop template), per arch.
     extra = sorted({(ref.role, arch, ref.target) for role, arch, _t in site.builds()
                     for ref in profiles[role].images} - set(site.builds()))
@@ -135,15 +141,22 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
         build(cfg, out, cache=cache, use_cache=not args.no_cache)
     seeds = out / site.name / "seeds"
     site_text = path.read_text()
+    seed_files = {}
     for node in site.nodes:
-        seed = write_node_seed(site, node, secrets, seeds, profiles, site_text)
+        seed = seed_files[node.name] = write_node_seed(site, node, secrets, seeds, profiles, site_text,
+                                                       frozenset(n.name for n in netboot))
         log.info("fleet %s: seed for %s (%s) -> %s", site.name, node.name, node.role, seed)
-        node_cfg = next(c for c in cfgs if (c.role, c.arch, c.target_name) == (node.role, node.arch, node.target))
-        if "img.xz" in node_cfg.target.outputs:
-            from .pipeline import artefact_path
-
+        if "img.xz" in node_cfg[node.name].target.outputs:
             log.info("fleet %s: %s is an SD card: sohocloud flash %s /dev/sdX --seed %s", site.name, node.name,
-                     artefact_path(node_cfg, out), seed)
+                     artefact_path(node_cfg[node.name], out), seed)
+    if netboot:
+        from .fleet_pxe import pxe_volume_path, write_pxe_volume
+
+        server = providers["pxe"]
+        volume = write_pxe_volume(site, server, {n.name: artefact_path(node_cfg[n.name], out) for n in netboot},
+                                  seed_files, out, pxe_volume_path(out, site))
+        log.info("fleet %s: netboot sets and seeds of %s -> %s (served by %s)", site.name,
+                 ", ".join(n.name for n in netboot), volume, server.name)
     print(seeds)
     return 0
 

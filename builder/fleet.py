@@ -216,6 +216,7 @@ PROVIDER_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "logs": lambda c: {},
     "metrics": _metrics_server,
     "nas": _nas_server,
+    "pxe": lambda c: {},  # its settings are router.hosts (netboot: true); the volume comes with fleet up
 }
 CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "cluster": _cluster_client,
@@ -224,6 +225,7 @@ CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "logs": lambda c: {"logs": {"host": c.where("logs")["fqdn"], "port": LOGS_PORT}},
     "metrics": lambda c: {},
     "nas": lambda c: {"nas": {"server": c.where("nas")["fqdn"], "export": NAS_EXPORT, "mountpoint": NAS_MOUNT}},
+    "pxe": lambda c: {},
 }
 
 
@@ -270,9 +272,10 @@ def node_network(site: Site, node: SiteNode) -> dict[str, Any]:
     return {"version": 2, "ethernets": {"lan": lan}}
 
 
-def node_settings(site: Site, node: SiteNode, secrets: SiteSecrets, services: SeedContext | None = None
-                  ) -> dict[str, Any]:
-    """The `sohocloud:` block of the node's user-data (role settings and its own secrets)."""
+def node_settings(site: Site, node: SiteNode, secrets: SiteSecrets, services: SeedContext | None = None,
+                  netboot: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The `sohocloud:` block of the node's user-data (role settings and its own secrets).
+    *netboot*: the nodes whose target boots from the network (the PXE server serves their seeds)."""
     _ca_key, ca_cert = secrets.ca()
     tls_key, tls_cert = secrets.node_tls(site, node)
     block: dict[str, Any] = {
@@ -292,17 +295,19 @@ def node_settings(site: Site, node: SiteNode, secrets: SiteSecrets, services: Se
         # The gateway role's hook reads its LAN settings from `router:` (see README).
         block["router"] = {
             "domain": site.domain,
-            "hosts": [{"name": n.name, "mac": n.mac, "address": n.address} for n in site.nodes],
+            "hosts": [{"name": n.name, "mac": n.mac, "address": n.address,
+                       **({"netboot": True} if n.name in netboot else {})} for n in site.nodes],
         }
     return block
 
 
 def write_node_seed(site: Site, node: SiteNode, secrets: SiteSecrets, out_dir: Path,
-                    profiles: dict[str, Profile] | None = None, site_text: str = "") -> Path:
+                    profiles: dict[str, Profile] | None = None, site_text: str = "",
+                    netboot: frozenset[str] = frozenset()) -> Path:
     services = None
     if profiles is not None:
         services = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, site_text)
-    settings = node_settings(site, node, secrets, services)
+    settings = node_settings(site, node, secrets, services, netboot)
     network = node_network(site, node)
     # The instance-id (a new one re-provisions the node) ignores the site file's
     # text in the git section: a comment or another node's edit is no re-install.

@@ -387,6 +387,29 @@ def check_git(probe: FleetProbe) -> None:
     expect(p.returncode != 0, f"the git account ran a shell command: {p.stdout!r}")
 
 
+def check_netboot(probe: FleetProbe) -> None:
+    """Each diskless node runs the verified squashfs under a RAM overlay and reaches its LDAP
+    person's NAS home: a file written there as that person is read back on storage."""
+    nodes = probe.nodes_with(lambda m: m.get("bootloader") == "ipxe")
+    expect(bool(nodes), "the site has no netboot node")
+    nas, user = probe.provider("nas"), probe.site.users[-1].name
+    console_dir = FleetPaths(probe.out, probe.site.name).run
+    for n in nodes:
+        mounts = probe.ssh(n, "findmnt -n -o FSTYPE,SOURCE / ; findmnt -n -o FSTYPE /run/sohocloud/lower; "
+                              "findmnt -n -o FSTYPE /run/sohocloud/rw").stdout.split()
+        expect(mounts == ["overlay", "overlay", "squashfs", "tmpfs"], f"{n.name}: root mounts {mounts}")
+        console = (console_dir / f"{n.name}.console.log").read_text(errors="replace")
+        expect("rootfs.squashfs verified" in console, f"{n.name}: its initrd did not say it verified the squashfs")
+        body = f"written on diskless {n.name} by {user}: {pysecrets.token_hex(8)}\n"
+        name = f"netboot-{n.name}.txt"
+
+        def write(n=n, body=body, name=name) -> None:
+            probe.ssh(n, f"sudo -u {user} sh -c 'cat > /nas/home/{user}/{name}'", stdin=body)
+        retry(write, 180)
+        got = probe.ssh(nas, f"sudo cat /nas/home/{user}/{name}").stdout
+        expect(got == body, f"storage reads {got!r} from {n.name}'s write, expected {body!r}")
+
+
 CHECKS: dict[str, Callable[[FleetProbe], None]] = {
     "units": check_units,
     "dns": check_dns_and_reservations,
@@ -401,6 +424,7 @@ CHECKS: dict[str, Callable[[FleetProbe], None]] = {
     "port-scan": check_port_scan,
     "wan-closed": check_wan_closed,
     "backup-restore": check_backup_restore,
+    "netboot": check_netboot,
 }
 
 

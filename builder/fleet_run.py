@@ -5,6 +5,8 @@ host's); every node gets a tap on it with the MAC from the site file, the
 router's WAN is QEMU user-net (restricted: nothing leaves the host). The
 router boots first, the others in parallel once it answers. Node disks are
 overlays kept in out/<site>/run/, so `down` then `up` is a reboot, not a reinstall.
+A netboot node (target pxe) has no disk at all: its VM boots the NIC from the
+router's PXE volume (out/<site>/pxe.img, attached to the router), fresh every time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from .errors import SohoError
 from .netlab import Netns
+from .fleet_pxe import pxe_volume_path
 from .pipeline import artefact_path
 from .s6_manifest import recorded_sha256
 from .cache import sha256_file
@@ -104,6 +107,54 @@ def data_disks(paths: FleetPaths, node: SiteNode, manifest: dict) -> tuple[tuple
     return tuple(out)
 
 
+def pxe_server(site: Site, repo: Repo) -> SiteNode:
+    """The node whose role provides pxe (the router, through profiles/pxe-server.yaml)."""
+    from .s1_resolve import load_profile
+
+    for n in site.nodes:
+        if "pxe" in load_profile(repo, n.role).provides:
+            return n
+    raise SohoError(f"site {site.name}: netboot nodes but no node provides pxe")
+
+
+_HTTP_PROBE = """
+import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2).read(16)
+    print("ok")
+except Exception:
+    pass
+"""
+
+
+def wait_http(url: str, netns: str, timeout: float) -> None:
+    """Until *url* answers 200 from inside *netns*."""
+    import sys
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _HTTP_PROBE, url],
+                           capture_output=True, text=True, timeout=30)
+        if r.stdout.strip() == "ok":
+            return
+        time.sleep(1)
+    raise SohoError(f"{url} did not answer within {timeout:.0f} s (is the PXE server up, its volume attached?)")
+
+
+def netboot_memory(manifest: dict) -> int:
+    """MiB a diskless node needs: its squashfs lives in RAM, plus room to run and to write."""
+    return (manifest["sizes"]["squashfs_bytes"] >> 20) + 1536
+
+
+def pxe_volume_overlay(paths: FleetPaths, node: SiteNode, volume: Path) -> tuple[Path, str]:
+    """The PXE server's copy of the site's PXE volume: a fresh overlay on each `fleet up` (what
+    a test changes on it is gone at the next one; a new `fleet build` is served as built)."""
+    overlay = paths.run / f"{node.name}-pxe.qcow2"
+    overlay.unlink(missing_ok=True)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", volume.resolve(), overlay])
+    return overlay, "sohocloud-pxe"
+
+
 def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: tuple[str, ...] = (),
              only: tuple[str, ...] = ()) -> dict[str, float]:
     """Boot the site's nodes (all, or *only* these); returns seconds to SSH per node.
@@ -121,12 +172,17 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
         if running and _alive(old["nodes"].get(name, {}).get("pid", -1)):
             raise SohoError(f"node {name} of site {site.name} is already up")
     nodes = [n for n in site.nodes if not only or n.name in only]
-    images = {}
+    images, cfgs = {}, {}
     for node in nodes:
-        image = artefact_path(resolve(repo, node.role, target=node.target, arch=node.arch), out)
-        if not image.is_file() or not paths.seed(node.name).is_file():
+        cfgs[node.name] = resolve(repo, node.role, target=node.target, arch=node.arch)
+        image = artefact_path(cfgs[node.name], out)
+        if not image.exists() or not paths.seed(node.name).is_file():
             raise SohoError(f"node {node.name}: no image or seed in {out} (run: sohocloud fleet build {site.name})")
         images[node.name] = image
+    volume = pxe_volume_path(out, site)
+    if any(c.target.netboot for c in cfgs.values()) and not volume.is_file():
+        raise SohoError(f"site {site.name}: no PXE volume {volume} for its netboot nodes "
+                        f"(run: sohocloud fleet build {site.name})")
     paths.run.mkdir(parents=True, exist_ok=True, mode=0o700)
     ns = Netns(netns_name(site))
     if running:
@@ -147,6 +203,19 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
                 if nic.kind == "tap":
                     subprocess.run(["ip", "-n", ns.name, "link", "del", nic.ifname], capture_output=True)
                     ns.add_tap(nic.ifname)
+            if cfgs[node.name].target.netboot:
+                # A diskless PC: nothing kept between boots (its RAM holds the squashfs and every write).
+                subprocess.run(["ssh-keygen", "-R", node.address, "-f", str(paths.run / "known_hosts")],
+                               capture_output=True)
+                vms[node.name] = VM(images[node.name], nics, firmware=node.firmware, netns=ns.name,
+                                    memory=max(memory, netboot_memory(manifest)),
+                                    serial_log=paths.run / f"{node.name}.console.log",
+                                    workdir=paths.run / f"{node.name}.vm")
+                vms[node.name].workdir.mkdir(exist_ok=True)
+                continue
+            extra = data_disks(paths, node, manifest)
+            if "pxe" in cfgs[node.name].profile.provides and volume.is_file():
+                extra += (pxe_volume_overlay(paths, node, volume),)
             disk = paths.run / f"{node.name}.qcow2"
             # A node keeps its disk across down/up; a rebuilt image is a re-install.
             # The overlay is only valid on the very bytes it was made on (builds are not
@@ -166,7 +235,7 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
             stamp.write_text(built)
             vms[node.name] = VM(images[node.name], nics, seed=paths.seed(node.name), netns=ns.name, memory=memory,
                                 serial_log=paths.run / f"{node.name}.console.log", disk=disk,
-                                extra_disks=data_disks(paths, node, manifest), workdir=paths.run / f"{node.name}.vm")
+                                extra_disks=extra, workdir=paths.run / f"{node.name}.vm")
             vms[node.name].workdir.mkdir(exist_ok=True)
         times: dict[str, float] = {}
 
@@ -174,6 +243,10 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
 
         def boot(node: SiteNode) -> None:
             vm = vms[node.name]
+            if cfgs[node.name].target.netboot:
+                # Power a diskless PC on only once its PXE server answers (a PC whose PXE fails
+                # sits at "no bootable device"; a real one would be switched on later too).
+                wait_http(f"http://{pxe_server(site, repo).address}/boot.ipxe", ns.name, BOOT_TIMEOUT)
             vm.start()
             with lock:  # boots run in threads; one writer of the state file at a time
                 state["nodes"][node.name] = {"pid": vm.proc.pid, "address": node.address}

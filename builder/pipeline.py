@@ -16,9 +16,10 @@ from .s1_resolve import BuildConfig
 from .s2_rootfs import (build_bootfiles, build_kernel, build_rootfs, extract_tar, kernel_inputs, rootfs_inputs,
                         source_date_epoch)
 from .s3_customise import customise, customise_inputs
-from .s4_initrd import INIT_SCRIPT, build_initrd, find_kernel, install_kernel
+from .s4_initrd import INIT_SCRIPT, UDHCPC_SCRIPT, build_initrd, find_kernel, install_kernel
 from .s5_assemble import (BOOTLOADERS, GPT_TAIL, board_boot_files, fat_uuid, identity, make_esp, make_ext4,
-                          place_blobs, plan_layout, sfdisk_script, to_img_xz, to_qcow2, tree_size, write_disk)
+                          netboot_files, place_blobs, plan_layout, publish_dir, sfdisk_script, to_img_xz, to_qcow2,
+                          to_squashfs, tree_size, write_disk)
 from .s5_oci import write_oci_archive
 from .s6_manifest import manifest_path, read_manifest, recorded_sha256, update_sha256sums, write_json_atomic
 from .progress import step
@@ -36,8 +37,17 @@ class BuildResult:
 
 
 def artefact_path(cfg: BuildConfig, out_dir: Path) -> Path:
+    """The file (or, for a netboot set, the folder) a build writes (contract)."""
+    if cfg.target.outputs[0] == "pxe":
+        # Served as is: out/pxe/<role>-<distro>-<arch>/ holds what one boot.ipxe loads.
+        return out_dir / "pxe" / f"{cfg.role}-{cfg.distro}-{cfg.arch}"
     ext = {"qcow2": "qcow2", "img.xz": "img.xz", "oci": "tar"}[cfg.target.outputs[0]]
     return out_dir / f"{cfg.slug}.{ext}"
+
+
+def artefact_files(artefact: Path) -> list[Path]:
+    """The files of an artefact: itself, or a netboot set's files."""
+    return sorted(p for p in artefact.iterdir() if p.is_file()) if artefact.is_dir() else [artefact]
 
 
 def bmap_path(artefact: Path) -> Path:
@@ -52,13 +62,14 @@ def build_inputs(cfg: BuildConfig) -> dict[str, str]:
     if cfg.target.kind == "node":
         inputs.update({f"kernel:{k}": v for k, v in kernel_inputs(cfg).items()})
         inputs["kernel-modules"] = digest(sorted(cfg.kernel_module_paths()))
-    inputs["initrd"] = digest([list(cfg.target.initrd_modules), INIT_SCRIPT.read_text(),
+    inputs["initrd"] = digest([list(cfg.target.initrd_modules), INIT_SCRIPT.read_text(), UDHCPC_SCRIPT.read_text(),
                                sorted(cfg.arch_spec.boot_packages)])
     inputs["assemble"] = digest([repr(cfg.target), repr(cfg.profile.container), repr(cfg.profile.disks)])
     inputs["builder"] = __version__
     here = Path(__file__).parent
     inputs["builder-code"] = digest({p.name: p.read_text() for p in sorted(here.glob("*.py")) if p.name != "cli.py"}
                                     | {"initrd-init.sh": INIT_SCRIPT.read_text(),
+                                       "initrd-udhcpc.sh": UDHCPC_SCRIPT.read_text(),
                                        "SOURCE_DATE_EPOCH": source_date_epoch()})
     return inputs
 
@@ -66,9 +77,11 @@ def build_inputs(cfg: BuildConfig) -> dict[str, str]:
 def up_to_date(artefact: Path, out_dir: Path, key: str) -> bool:
     """The artefact exists, was built from *key*, and its bytes match SHA256SUMS."""
     m = read_manifest(artefact)
-    if not (m and artefact.is_file() and m.get("inputs_hash") == key):
+    if not (m and artefact.exists() and m.get("inputs_hash") == key):
         return False
-    return recorded_sha256(out_dir, artefact) == sha256_file(artefact)
+    if artefact.is_dir() and sorted(m.get("files", {})) != [p.name for p in artefact_files(artefact)]:
+        return False
+    return all(recorded_sha256(out_dir, f) == sha256_file(f) for f in artefact_files(artefact))
 
 
 def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, use_cache: bool = True,
@@ -112,7 +125,9 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
             facts["packages"].update(install_kernel(root, kernel.path, work / "kernel", cfg.kernel_module_paths()))
             facts["packages"] = dict(sorted(facts["packages"].items()))
         log.info("customise: done (%d packages)", len(facts["packages"]))
-        if cfg.target.kind == "node":
+        if cfg.target.kind == "node" and cfg.target.netboot:
+            out_facts = _assemble_netboot(cfg, root, boot, artefact, key, epoch)
+        elif cfg.target.kind == "node":
             out_facts = _assemble_disk(cfg, root, boot, work / "kernel", work, artefact, ident, epoch)
         else:
             with step(f"assemble: OCI archive {artefact.name}"):
@@ -142,12 +157,13 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
             **out_facts,
             "packages": facts["packages"],
         }
-        manifest["sizes"]["artefact_bytes"] = artefact.stat().st_size
+        files = artefact_files(artefact)
+        manifest["sizes"]["artefact_bytes"] = sum(f.stat().st_size for f in files)
         mpath = manifest_path(artefact)
         write_json_atomic(mpath, manifest)
         extra = [bmap_path(artefact)] if "bmap" in manifest else []
-        update_sha256sums(out_dir, [artefact, mpath, *extra])
-        log.info("built %s (%.1f MiB) in %.1f s", artefact, artefact.stat().st_size / 2**20, seconds)
+        update_sha256sums(out_dir, [*files, mpath, *extra])
+        log.info("built %s (%.1f MiB) in %.1f s", artefact, manifest["sizes"]["artefact_bytes"] / 2**20, seconds)
         return BuildResult(artefact, mpath, seconds, False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -161,6 +177,51 @@ def seed_location(t) -> dict:
         return {}
     folder = t.seed_dir[len(p.mount.rstrip("/")) + 1:]
     return {"seed_dir": t.seed_dir, "seed_partition": {"name": p.name, "folder": folder}}
+
+
+def _assemble_netboot(cfg: BuildConfig, root: Path, boot: Path, artefact: Path, key: str, epoch: int) -> dict:
+    """The netboot set: kernel, our initrd, the tree as rootfs.squashfs, and boot.ipxe (from the
+    target's templates) that names them and the squashfs's sha256 the initrd checks. Made in a
+    staging folder beside *artefact* and renamed into place whole. Returns manifest facts."""
+    t = cfg.target
+    kernel = find_kernel(root)
+    stage = artefact.with_name("." + artefact.name + ".new")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        initrd = stage / t.initrd_file
+        initrd_facts = build_initrd(root, boot, cfg.arch_spec.busybox, list(t.initrd_modules), initrd, epoch)
+        shutil.copyfile(kernel.vmlinuz, stage / t.kernel_file)
+        for p in (root / "boot").glob("*"):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+        root_bytes = tree_size(root)
+        squashfs = stage / "rootfs.squashfs"
+        with step(f"assemble: squashfs of {root_bytes >> 20} MiB"):
+            to_squashfs(root, squashfs, epoch)
+        cmdline = " ".join(w for w in (t.cmdline, cfg.arch_spec.cmdline) if w)
+        context = {"name": artefact.name, "role": cfg.role, "distro": cfg.distro, "arch": cfg.arch,
+                   "inputs_hash": key, "kernel_file": t.kernel_file, "initrd_file": t.initrd_file,
+                   "cmdline": cmdline, "squashfs_sha256": sha256_file(squashfs), "vars": t.vars}
+        for rel, data in netboot_files(cfg.repo.images / t.boot_templates, context).items():
+            (stage / rel).write_bytes(data)
+        files = {p.name: sha256_file(p) for p in artefact_files(stage)}
+        publish_dir(stage, artefact)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("assemble: netboot set %s: %s", artefact, ", ".join(files))
+    return {
+        "kernel": initrd_facts["kernel"],
+        "initrd_modules": initrd_facts["initrd_modules"],
+        "cmdline": cmdline,
+        "boot": {"script": "boot.ipxe", "kernel": t.kernel_file, "initrd": t.initrd_file,
+                 "squashfs": squashfs.name, "cmdline": cmdline},
+        "bootloader": t.bootloader,
+        "seed_dir": t.seed_dir,
+        "files": files,
+        "sizes": {"tree_bytes": root_bytes, "initrd_bytes": (artefact / t.initrd_file).stat().st_size,
+                  "squashfs_bytes": (artefact / squashfs.name).stat().st_size},
+    }
 
 
 def _assemble_disk(cfg: BuildConfig, root: Path, boot: Path, kernel_tree: Path, work: Path, artefact: Path,

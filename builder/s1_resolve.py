@@ -272,14 +272,34 @@ def load_target(repo: Repo, name: str) -> Target:
     for arch, spec in target.arches.items():
         if spec.qemu is not None and len(spec.qemu.nic_addrs) < len(target.nic_paths):
             v.fail(("arches", arch, "qemu", "nic_addrs"), "needs one PCI address per entry of nic_paths")
-    if target.kind == "node":
+    for i, path in enumerate(target.tmpfs):
+        if not path.startswith("/") or path.rstrip("/") in ("", "/run", "/proc", "/sys", "/dev"):
+            v.fail(("tmpfs", i), f"expected an absolute path below / (not /, /run, /proc, /sys, /dev), got {path!r}")
+    if target.kind == "node" and target.netboot:
+        _check_netboot(target, v, repo)
+    elif target.kind == "node":
         _check_disk_layout(target, v, repo)
     return target
+
+
+def _check_netboot(t: Target, v: Validator, repo: Repo) -> None:
+    """A netboot target has no disk, writes the pxe set, and has its boot script template."""
+    if t.partitions:
+        v.fail(("partitions",), "a netboot target (bootloader: ipxe) has no disk: expected no partitions")
+    if t.outputs != ("pxe",):
+        v.fail(("outputs",), "bootloader ipxe writes the pxe set: expected outputs: [pxe]")
+    if t.seed_dir and not t.seed_dir.startswith("/run/"):
+        v.fail(("seed_dir",), f"a netboot node's seed is fetched by its initrd into RAM: expected a path below "
+                              f"/run/, got {t.seed_dir!r}")
+    if not (t.boot_templates and (repo.images / t.boot_templates / "boot.ipxe.j2").is_file()):
+        v.fail(("boot_templates",), f"expected a folder below {repo.images} holding boot.ipxe.j2")
 
 
 def _check_disk_layout(t: Target, v: Validator, repo: Repo) -> None:
     """A node target's partitions, blobs, boot files and seed place fit together."""
     types = [p.type for p in t.partitions]
+    if "pxe" in t.outputs:
+        v.fail(("outputs",), "the pxe set is made by netboot targets (bootloader: ipxe), not from a disk")
     if types.count("root") != 1:
         v.fail(("partitions",), "expected exactly one partition of type root")
     if t.bootloader == "systemd-boot" and "esp" not in types:
@@ -341,7 +361,7 @@ def resolve(repo: Repo, role: str, *, target: str = "qemu", arch: str = "amd64",
         spec = tgt.arches[arch]
         needed = ("kernel_package", "busybox", "qemu") + (("efi_loader",) if tgt.bootloader == "systemd-boot" else ())
         missing = [k for k in needed if not getattr(spec, k)]
-        if missing or not tgt.partitions or tgt.bootloader == "none":
+        if missing or not (tgt.partitions or tgt.netboot) or tgt.bootloader == "none":
             raise ConfigError(f"{repo.images / (target + '.yaml')}: arches.{arch}: a node target needs "
                               f"{', '.join(needed)}, partitions and a bootloader "
                               f"(missing: {', '.join(missing) or 'partitions/bootloader'})")

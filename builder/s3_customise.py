@@ -42,7 +42,7 @@ def customise_inputs(cfg: BuildConfig) -> dict[str, str]:
     out = {
         "profile": digest(slice_),
         "target": digest([cfg.target.nic_paths, [asdict(x) for x in cfg.target.partitions], cfg.target.seed_dir,
-                          cfg.target.grow_root]),
+                          cfg.target.grow_root, cfg.target.bootloader, cfg.target.tmpfs]),
         "firstboot": hash_tree(cfg.repo.firstboot),
         "code": digest(Path(__file__).read_text()),
     }
@@ -487,10 +487,13 @@ def install_node_parts(cfg: BuildConfig, root: Path, identity: dict[str, str]) -
         # still boots (and says that it found no seed).
         (root / "etc/sohocloud").mkdir(parents=True, exist_ok=True)
         (root / "etc/sohocloud/seed-dirs").write_text(f"# NoCloud seed files (target {t.name})\n{t.seed_dir}\n")
-        unit = mount_unit(t.seed_partition().mount)
-        dropin = root / "usr/lib/systemd/system/sohocloud-firstboot.service.d/seed-dir.conf"
-        dropin.parent.mkdir(parents=True, exist_ok=True)
-        dropin.write_text(f"# the seed directory {t.seed_dir} is on this mount\n[Unit]\nWants={unit}\nAfter={unit}\n")
+        part = t.seed_partition()
+        if part is not None:  # else (netboot) the initrd wrote it into /run before switching root
+            unit = mount_unit(part.mount)
+            dropin = root / "usr/lib/systemd/system/sohocloud-firstboot.service.d/seed-dir.conf"
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text(f"# the seed directory {t.seed_dir} is on this mount\n[Unit]\nWants={unit}\n"
+                              f"After={unit}\n")
 
 
 def mount_unit(path: str) -> str:
@@ -504,8 +507,14 @@ def fstab(cfg: BuildConfig, identity: dict[str, str]) -> str:
     """Root by UUID, and each FAT partition the target mounts (root-only: a board's seed carries secrets)."""
     from .s5_assemble import fat_uuid
 
-    lines = ["# <fs> <mountpoint> <type> <options> <dump> <pass>",
-             f"UUID={identity['root_fs_uuid']} / ext4 defaults,errors=remount-ro 0 1"]
+    lines = ["# <fs> <mountpoint> <type> <options> <dump> <pass>"]
+    if cfg.target.netboot:
+        # The initrd mounted / (squashfs under a tmpfs overlay): nothing to check or remount.
+        lines.append("# / is the netboot squashfs under a tmpfs overlay (see images/pxe.yaml)")
+    else:
+        lines.append(f"UUID={identity['root_fs_uuid']} / ext4 defaults,errors=remount-ro 0 1")
+    for path in cfg.target.tmpfs:
+        lines.append(f"tmpfs {path} tmpfs mode=0711,nosuid,nodev 0 0")
     for p in cfg.target.partitions:
         if p.mount and p.fs == "vfat":
             lines.append(f"UUID={fat_uuid(identity['esp_vol_id'])} {p.mount} vfat "

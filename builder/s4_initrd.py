@@ -23,6 +23,7 @@ from .errors import SohoError
 log = logging.getLogger("sohocloud.initrd")
 
 INIT_SCRIPT = Path(__file__).with_name("initrd-init.sh")
+UDHCPC_SCRIPT = Path(__file__).with_name("initrd-udhcpc.sh")  # the netboot branch's DHCP lease script
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ def build_initrd(root: Path, bootfiles: Path, busybox_rel: str, modules: list[st
     c.file("bin/busybox", busybox.read_bytes(), 0o755)
     c.symlink("bin/sh", "busybox")
     c.file("init", INIT_SCRIPT.read_bytes(), 0o755)
+    c.file("etc/udhcpc.script", UDHCPC_SCRIPT.read_bytes(), 0o755)
     made: set[str] = set()
     for rel in order:
         parts = Path(rel).parts

@@ -86,7 +86,7 @@ class User:
 
 # Site services a role can provide or use (see Profile.provides/uses and
 # builder/fleet.py, which writes each one's seed sections).
-SERVICES = ("cluster", "git", "ldap", "logs", "metrics", "nas")
+SERVICES = ("cluster", "git", "ldap", "logs", "metrics", "nas", "pxe")
 
 
 @dataclass(frozen=True)
@@ -256,13 +256,15 @@ class Target:
     name: str
     description: str
     arches: dict[str, ArchSpec]
-    outputs: tuple[Literal["qcow2", "img.xz", "oci"], ...]
+    outputs: tuple[Literal["qcow2", "img.xz", "oci", "pxe"], ...]
     # node: a bootable machine image; container: a userland only (roles of the same kind).
     kind: Literal["node", "container"] = "node"
     partitions: tuple[Partition, ...] = ()
     # systemd-boot: loader + entry on the ESP. files: the board's firmware or U-Boot reads
     # the boot partition's files (boot_files, dtb_files, kernel, initrd, boot_templates).
-    bootloader: Literal["systemd-boot", "files", "none"] = "none"
+    # ipxe: no disk; iPXE loads boot.ipxe (from boot_templates), kernel and initrd over HTTP
+    # and the initrd runs the root squashfs under a tmpfs overlay.
+    bootloader: Literal["systemd-boot", "files", "ipxe", "none"] = "none"
     cmdline: str = ""
     kernel_modules: tuple[str, ...] = ()
     initrd_modules: tuple[str, ...] = ()
@@ -276,12 +278,22 @@ class Target:
     kernel_file: str = "vmlinuz"  # names of kernel and initrd on the boot partition / ESP
     initrd_file: str = "initrd.img"
     grow_root: bool = False  # firstboot grows the root partition and fs to fill the disk (MBR)
-    seed_dir: str = ""  # a node reads its NoCloud seed files here (below a partition's mount)
+    # A node reads its NoCloud seed files here: below a partition's mount (a card), or for a
+    # netboot target below /run, where the initrd put what it fetched.
+    seed_dir: str = ""
     # Extra archive components for the boot packages (e.g. non-free-firmware for the Pi's firmware).
     boot_components: tuple[str, ...] = ()
     root_free: str = "192M"
+    # Extra tmpfs mounts (fstab), e.g. for a netboot root: container engines cannot keep their
+    # layers on an overlay root, so /var/lib/docker gets a filesystem of its own.
+    tmpfs: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
     vars: dict[str, Any] = field(default_factory=dict)  # for boot_templates
+
+    @property
+    def netboot(self) -> bool:
+        """No disk: the root comes over the network (squashfs under a tmpfs overlay)."""
+        return self.bootloader == "ipxe"
 
     def seed_partition(self) -> Partition | None:
         """The partition whose mount holds seed_dir (a card's FAT boot partition), if any."""

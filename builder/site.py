@@ -39,6 +39,8 @@ class SiteNode:
     mac: str
     target: str = "qemu"
     arch: str = "amd64"
+    # The firmware `fleet up` gives a diskless (netboot) node's VM: a real PC's is its own.
+    firmware: Literal["uefi", "bios"] = "uefi"
 
 
 @dataclass(frozen=True)

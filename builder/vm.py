@@ -80,22 +80,25 @@ class BootFiles:
     cmdline: str
 
 
-def qemu_argv(spec: QemuSpec, arch: str, disk: Path, *, nics: list[Nic], seed: Path | None = None,
+def qemu_argv(spec: QemuSpec, arch: str, disk: Path | None, *, nics: list[Nic], seed: Path | None = None,
               boot: BootFiles | None = None, uefi_vars: Path | None = None, memory: int = 1024, smp: int = 2,
-              serial: str = "mon:stdio", extra_disks: tuple[tuple[Path, str], ...] = ()) -> list[str]:
-    """The QEMU command line (pure: no side effects)."""
+              serial: str = "mon:stdio", extra_disks: tuple[tuple[Path, str], ...] = (),
+              netboot: bool = False) -> list[str]:
+    """The QEMU command line (pure: no side effects). *netboot*: no disk, the first NIC boots
+    (its iPXE ROM under the machine's own BIOS, or UEFI when *uefi_vars* is given)."""
     argv = [spec.binary, "-machine", spec.machine, *accel_args(arch), "-cpu", spec.cpu,
             "-smp", str(smp), "-m", str(memory), "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", serial, "-device", "virtio-rng-pci"]
     if boot is not None:
         argv += ["-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", boot.cmdline]
-    else:
-        if uefi_vars is None:
-            raise ValueError("UEFI boot needs a writable copy of the firmware variables")
+    elif uefi_vars is not None:
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.firmware_code}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={uefi_vars}"]
+    elif not netboot:
+        raise ValueError("UEFI boot needs a writable copy of the firmware variables")
     # (path, format, read-only, serial): data disks carry the serial the role names them by.
-    disks = [(disk, "qcow2", False, "")] + [(d, "qcow2", False, serial) for d, serial in extra_disks]
+    disks = ([(disk, "qcow2", False, "")] if disk is not None else []) + \
+        [(d, "qcow2", False, serial) for d, serial in extra_disks]
     if seed is not None:
         disks.append((seed, "raw", True, ""))
     for i, (path, fmt, ro, ser) in enumerate(disks):
@@ -107,7 +110,12 @@ def qemu_argv(spec: QemuSpec, arch: str, disk: Path, *, nics: list[Nic], seed: P
             raise SohoError(f"the target has {len(spec.nic_addrs)} NIC slots, {len(nics)} NICs asked for")
         mac = nic.mac or f"52:54:00:5c:00:{i + 1:02x}"
         argv += ["-netdev", nic.netdev(f"n{i}"),
-                 "-device", f"{spec.nic_device},netdev=n{i},mac={mac},addr={spec.nic_addrs[i]}"]
+                 "-device", f"{spec.nic_device},netdev=n{i},mac={mac},addr={spec.nic_addrs[i]}"
+                 + (",bootindex=1" if netboot and uefi_vars is not None and i == 0 else "")]
+    if netboot and uefi_vars is None:
+        # SeaBIOS: the NIC's ROM first (it ignores a NIC's bootindex), and a failed boot starts
+        # over, as a PC set to network boot keeps trying.
+        argv += ["-boot", "order=n,reboot-timeout=5000"]
     return argv
 
 
@@ -267,9 +275,27 @@ class VM:
             return None
         return self.seed
 
+    def netboot_argv(self, manifest: dict, spec: QemuSpec) -> list[str]:
+        """A diskless PC: its firmware (bios: SeaBIOS, uefi: OVMF) boots the first NIC; a PXE
+        server on that LAN does the rest."""
+        if self.firmware not in ("bios", "uefi"):
+            raise SohoError(f"{self.image.name}: a netboot set boots from the LAN with firmware bios or uefi, "
+                            f"not {self.firmware!r} (and needs a PXE server there: sohocloud fleet up)")
+        uefi_vars = None
+        if self.firmware == "uefi":
+            uefi_vars = self.workdir / "efivars.fd"
+            shutil.copyfile(spec.firmware_vars, uefi_vars)
+        serial = f"file:{self.serial_log}" if self.serial_log else "mon:stdio"
+        argv = qemu_argv(spec, manifest["arch"], None, nics=self.nics, uefi_vars=uefi_vars, memory=self.memory,
+                         smp=self.smp, serial=serial, netboot=True)
+        return argv
+
     def argv(self) -> list[str]:
         manifest = image_info(self.image)
         spec = qemu_spec_for(manifest)
+        if manifest.get("bootloader") == "ipxe":
+            argv = self.netboot_argv(manifest, spec)
+            return ["ip", "netns", "exec", self.netns] + argv if self.netns else argv
         disk = self.disk or self.workdir / "overlay.qcow2"
         base = self.base_disk(manifest)
         if not disk.exists():

@@ -187,6 +187,15 @@ def site_bench(work: Path, key_pub: str) -> dict[str, float]:
         CHECKS["cluster"](probe)
         CHECKS["units"](probe)
         r["fleet_joined"] = time.monotonic() - t0
+        # A diskless PC powered on again with the site up: iPXE, kernel + initrd and the squashfs
+        # over HTTP, sha256 check, boot, seed, cluster join (`fleet up --only` waits until it settled).
+        for n in probe.nodes_with(lambda m: m.get("bootloader") == "ipxe"):
+            run(cli + ["down", str(site_file), "-o", str(out), "--only", n.name])
+            print(f"bench: {n.name} ({n.firmware}) PXE power-on to joined", flush=True)
+            t1 = time.monotonic()
+            run(cli + ["up", str(site_file), "-o", str(out), "--only", n.name])
+            CHECKS["cluster"](probe)
+            r[f"pxe_joined_{n.firmware}"] = time.monotonic() - t1
     finally:
         subprocess.run(cli + ["down", str(site_file), "-o", str(out)], capture_output=True)
     return r
@@ -342,16 +351,19 @@ def main() -> int:
         *arm64_lines(r, arm),
         *([] if args.no_site else [
             "Site (`sites/example.yaml`: router, control, workstation host (amd64), storage as an arm64 ROCK64 "
-            "card + the desktop OCI image), one run each:",
+            "card, two diskless PCs (PXE, BIOS and UEFI) + the desktop OCI image), one run each:",
             "",
             "| measure | sohocloud |",
             "|---|---|",
-            f"| site build, cold (5 images, one of them arm64; every stage; .debs cached) | {r['site_cold']:.1f} s |",
+            f"| site build, cold (5 images, one of them arm64, + the PXE set; every stage; .debs cached) | {r['site_cold']:.1f} s |",
             f"| site build, warm (nothing changed) | {r['site_warm']:.1f} s |",
-            f"| fleet up: every node answers SSH (router first, then 3 in parallel, TCG, 2 cores) | "
+            f"| fleet up: every node answers SSH (router first, then the others in parallel, TCG, 2 cores) | "
             f"{r['fleet_ssh']:.1f} s |",
             f"| fleet up: every node joined (cluster Ready, roles labelled) and both firstboot phases done | "
             f"{r['fleet_joined']:.1f} s |",
+            *[f"| diskless PC ({fw}): power-on to joined (PXE, iPXE, {fw.upper()}; squashfs over HTTP, sha256, "
+              f"seed, swarm join) | {r[f'pxe_joined_{fw}']:.1f} s |" for fw in ("bios", "uefi")
+              if f"pxe_joined_{fw}" in r],
             ""]),
         *(["Site figures: not measured in this run (`--no-site`).", ""] if args.no_site else []),
         f"Boot times: median of {args.boots} boots of each kind (min–max), interleaved; from QEMU start; SSH is first seen by a probe polling the forwarded port "

@@ -50,7 +50,8 @@ def office(tmp_path_factory, test_key):
         # `make test-all`: every role on arm64 (router on a Pi 4 card, the rest arm64 qemu images
         # unless the site already names a board), the desktop template built for arm64 too.
         text = re.sub(r"(?m)^(  - \{name: \w+, role: router, [^}]*)\}", r"\1, target: rpi4, arch: arm64}", text)
-        text = re.sub(r"(?m)^(  - \{name: \w+, role: (?!router)[^}]*?)(, target: \w+, arch: \w+)?\}",
+        # Diskless PCs stay amd64 (Debian's iPXE has no arm64 EFI build).
+        text = re.sub(r"(?m)^(  - \{name: \w+, role: (?!router)(?![^}]*target: pxe)[^}]*?)(, target: \w+, arch: \w+)?\}",
                       lambda m: m.group(1) + (m.group(2) or ", target: qemu, arch: arm64") + "}", text)
     text = re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {test_key.with_suffix('.pub').read_text().strip()}",
                   text)
@@ -134,3 +135,52 @@ def test_storage_reimaged_keeps_its_data(joined):
     CHECKS["units"](probe)
     CHECKS["nas-home"](probe)
     CHECKS["cluster"](probe)  # rejoined; its old swarm entry gone or at least not in the way
+
+
+def _netboot_nodes(joined) -> list:
+    probe = joined["probe"]
+    return probe.nodes_with(lambda m: m.get("bootloader") == "ipxe")
+
+
+def test_netboot_second_boot_starts_clean(joined):
+    """A diskless node's reboot starts from the squashfs again: what the first boot wrote outside
+    the NAS is gone; it fetches its seed again and is back in the cluster with its NAS home."""
+    probe, f = joined["probe"], str(joined["file"])
+    node = _netboot_nodes(joined)[0]
+    probe.ssh(node, "echo first-boot | sudo tee /etc/netboot-mark /var/tmp/netboot-mark >/dev/null && "
+                    "echo x > ~/netboot-mark")
+    boot_id = probe.ssh(node, "cat /proc/sys/kernel/random/boot_id").stdout
+    assert cli("fleet", "down", f, "-o", str(OUT), "--only", node.name).returncode == 0
+    r = cli("fleet", "up", f, "-o", str(OUT), "--only", node.name)
+    assert r.returncode == 0, r.stderr[-2000:] + console(node.name)
+    assert probe.ssh(node, "cat /proc/sys/kernel/random/boot_id").stdout != boot_id
+    left = probe.ssh(node, "ls /etc/netboot-mark /var/tmp/netboot-mark ~/netboot-mark 2>/dev/null", check=False)
+    assert left.stdout.strip() == "", f"survived the reboot: {left.stdout}"
+    CHECKS["units"](probe)
+    CHECKS["cluster"](probe)
+    CHECKS["netboot"](probe)
+
+
+def test_netboot_refuses_a_corrupt_squashfs(joined):
+    """One flipped byte in the served rootfs.squashfs: the initrd refuses it (sha256) with a clear
+    console message and powers the machine off. (Runs last: the node stays off.)"""
+    probe, site, f = joined["probe"], joined["site"], str(joined["file"])
+    node = _netboot_nodes(joined)[-1]
+    gw = site.node(site.gateway)
+    manifest = probe.manifest(node)
+    served = f"/srv/pxe/http/pxe/{manifest['role']}-{manifest['distro']}-{manifest['arch']}/rootfs.squashfs"
+    flip = ("sudo python3 -c \"import sys; f = open(sys.argv[1], 'r+b'); f.seek(1 << 20); b = f.read(1); "
+            f"f.seek(1 << 20); f.write(bytes([b[0] ^ 0xff]))\" {served}")
+    probe.ssh(gw, f"sudo mount -o remount,rw /srv/pxe && {flip} && sync")
+    try:
+        assert cli("fleet", "down", f, "-o", str(OUT), "--only", node.name).returncode == 0
+        r = cli("fleet", "up", f, "-o", str(OUT), "--only", node.name)
+        assert r.returncode != 0, "a node booted from a corrupt squashfs"
+        text = console(node.name)
+        assert "FATAL" in text and "refusing to boot it" in text and "sha256" in text, text[-1500:]
+        assert "powering off" in text  # no shell, no half-booted node: the PC switches itself off
+    finally:
+        probe.ssh(gw, f"{flip} && sync && sudo mount -o remount,ro /srv/pxe")
+    # Put back, the served file is the one boot.ipxe names again.
+    sha = probe.ssh(gw, f"sha256sum {served}").stdout.split()[0]
+    assert sha == manifest["files"]["rootfs.squashfs"]

@@ -3,7 +3,6 @@ kernel module selection, block maps, and the errors a bad board file gets."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,29 +15,16 @@ from builder.s2_rootfs import check_foreign_arch, is_foreign
 from builder.s4_initrd import kernel_members, module_selected, parse_package_versions
 from builder.s5_assemble import (board_boot_files, identity, place_blobs, plan_layout, sfdisk_script)
 from builder.schema import RawBlob
+from conftest import edit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    for name in ("profiles", "images", "overlays", "firstboot"):
-        shutil.copytree(REPO_ROOT / name, root / name, symlinks=True)
-    return root
 
 
 def config_error(repo: Path, **kw) -> str:
     with pytest.raises(ConfigError) as ei:
         resolve(Repo(repo), "router", arch="arm64", **kw)
     return str(ei.value)
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"fixture out of date: {old!r}"
-    path.write_text(text.replace(old, new, 1))
 
 
 @pytest.mark.parametrize("target", ["qemu", "rpi4", "rock64"])

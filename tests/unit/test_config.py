@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,27 +19,12 @@ import pytest
 from builder.errors import ConfigError
 from builder.s1_resolve import Repo, load_profile, resolve
 from builder.schema import parse_size
+from conftest import edit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    """A private copy of the repo's data (profiles, images, overlays, firstboot)."""
-    root = tmp_path / "repo"
-    for name in ("profiles", "images", "overlays", "firstboot"):
-        if (REPO_ROOT / name).exists():
-            shutil.copytree(REPO_ROOT / name, root / name, symlinks=True)
-    return root
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"test fixture out of date: {old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
 
 
 def line_of(path: Path, needle: str, nth: int = 1) -> int:
@@ -116,8 +100,8 @@ def test_router_keeps_hardened_sysctls(router) -> None:
 def test_router_firewall_ports_exact(router) -> None:
     ports = {(p.zone, p.proto, p.port) for p in router.profile.firewall.ports}
     assert ports == {("lan", "tcp", 22), ("lan", "tcp", 9100), ("lan", "tcp", 53), ("lan", "udp", 53),
-                     ("lan", "udp", 67)}
-    assert len(router.profile.firewall.ports) == 5
+                     ("lan", "udp", 67), ("lan", "udp", 69), ("lan", "tcp", 80)}  # + TFTP, HTTP: PXE server
+    assert len(router.profile.firewall.ports) == 7
     assert not any(p.zone == "wan" for p in router.profile.firewall.ports)
     assert router.profile.firewall.masquerade == ("wan",)
     assert [(f.src, f.to) for f in router.profile.firewall.forward] == [("lan", "wan")]
@@ -127,7 +111,7 @@ def test_router_network_and_overlays(router) -> None:
     p = router.profile
     assert p.network["lan"].addresses == ("10.44.0.1/24",) and p.network["lan"].dhcp4 is False
     assert p.network["wan"].dhcp4 is True
-    assert p.overlays == ("base", "hardened", "site-node", "router")
+    assert p.overlays == ("base", "hardened", "site-node", "pxe-server", "router")
     assert "cramfs" in p.module_blacklist
     assert "fs/ext4" in router.kernel_module_paths() and "drivers/virtio" in router.kernel_module_paths()
     assert p.abstract is False
@@ -184,8 +168,8 @@ def test_wrong_type_port(repo: Path) -> None:
     edit(f, "{zone: lan, proto: udp, port: 53,", '{zone: lan, proto: udp, port: "x",')
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'port: ' + chr(34) + 'x')}:" in msg
-    # hardened's ssh port is item 0 of the merged list; the role's udp/53 is item 2
-    assert "firewall.ports[3].port" in msg
+    # hardened's ssh port is item 0 of the merged list, site-node's and pxe-server's come next
+    assert "firewall.ports[5].port" in msg
     assert "expected an integer" in msg and "'x'" in msg
 
 
@@ -194,7 +178,7 @@ def test_wrong_literal_proto(repo: Path) -> None:
     edit(f, "{zone: lan, proto: udp, port: 67,", "{zone: lan, proto: sctp, port: 67,")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'proto: sctp')}:" in msg
-    assert "firewall.ports[4].proto" in msg and "'tcp'" in msg and "'udp'" in msg
+    assert "firewall.ports[6].proto" in msg and "'tcp'" in msg and "'udp'" in msg
 
 
 def test_port_out_of_range(repo: Path) -> None:
@@ -202,7 +186,7 @@ def test_port_out_of_range(repo: Path) -> None:
     edit(f, "port: 67,", "port: 70000,")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'port: 70000')}:" in msg
-    assert "firewall.ports[4].port" in msg and "1-65535" in msg
+    assert "firewall.ports[6].port" in msg and "1-65535" in msg
 
 
 def test_missing_required_key(repo: Path) -> None:
@@ -210,7 +194,7 @@ def test_missing_required_key(repo: Path) -> None:
     edit(f, "{zone: lan, proto: udp, port: 67, service: dhcp}", "{zone: lan, proto: udp, port: 67}")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'port: 67}')}:" in msg
-    assert "firewall.ports[4]" in msg and "missing required key 'service'" in msg
+    assert "firewall.ports[6]" in msg and "missing required key 'service'" in msg
 
 
 def test_unknown_role(repo: Path) -> None:
@@ -223,7 +207,7 @@ def test_unknown_role(repo: Path) -> None:
 def test_unknown_target(repo: Path) -> None:
     msg = config_error(repo, target="rpi9")
     assert "unknown target 'rpi9'" in msg
-    assert str(repo / "images/rpi9.yaml") in msg and "known targets: oci, qemu" in msg
+    assert str(repo / "images/rpi9.yaml") in msg and "known targets: oci, pxe, qemu" in msg
 
 
 def test_unknown_arch_argument(repo: Path) -> None:
@@ -255,7 +239,7 @@ def test_unknown_distro(repo: Path) -> None:
 
 def test_extends_missing_parent(repo: Path) -> None:
     f = repo / "profiles/router.yaml"
-    edit(f, "extends: site-node", "extends: hardend")
+    edit(f, "extends: [site-node, pxe-server]", "extends: hardend")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'extends: hardend')}:" in msg
     assert "extends" in msg and "no profile 'hardend'" in msg
@@ -264,7 +248,7 @@ def test_extends_missing_parent(repo: Path) -> None:
 
 def test_extends_missing_parent_in_list(repo: Path) -> None:
     f = repo / "profiles/router.yaml"
-    edit(f, "extends: site-node", "extends:\n  - site-node\n  - nosuch")
+    edit(f, "extends: [site-node, pxe-server]", "extends:\n  - site-node\n  - nosuch")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, '- nosuch')}:" in msg
     assert "no profile 'nosuch'" in msg
@@ -280,7 +264,7 @@ def test_extends_cycle(repo: Path) -> None:
 
 def test_extends_self(repo: Path) -> None:
     f = repo / "profiles/router.yaml"
-    edit(f, "extends: site-node", "extends: [site-node, router]")
+    edit(f, "extends: [site-node, pxe-server]", "extends: [site-node, router]")
     msg = config_error(repo)
     assert f"{f}:" in msg and "cycle" in msg and "router -> router" in msg
 
@@ -363,7 +347,7 @@ def test_firewall_zone_not_an_interface(repo: Path) -> None:
     edit(f, "{zone: lan, proto: udp, port: 67", "{zone: dmz, proto: udp, port: 67")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'zone: dmz')}:" in msg
-    assert "firewall.ports[4].zone" in msg and "'dmz'" in msg and "interfaces" in msg
+    assert "firewall.ports[6].zone" in msg and "'dmz'" in msg and "interfaces" in msg
     assert "'lan'" in msg and "'wan'" in msg
 
 
@@ -380,7 +364,7 @@ def test_missing_overlay_directory(repo: Path) -> None:
     edit(f, "overlays: [router]", "overlays: [router, nope]")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, 'overlays: [router, nope]')}:" in msg
-    assert "overlays[4]" in msg and str(repo / "overlays/nope") in msg
+    assert "overlays[5]" in msg and str(repo / "overlays/nope") in msg
 
 
 def test_bad_package_name(repo: Path) -> None:

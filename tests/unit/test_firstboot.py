@@ -210,6 +210,25 @@ def test_no_seed_still_makes_host_key(tmp_path: Path, capfd: pytest.CaptureFixtu
     assert not (root / "var/lib/sohocloud/firstboot.done").exists()
 
 
+def test_netboot_machine_without_seed_is_not_enrolled(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The netboot initrd found no seed for this MAC (404): a clear not-enrolled state, no URL retry,
+    no admin key, no marker; the console login banner says how to enroll it."""
+    root = make_root(tmp_path / "root", host_key=False)
+    (root / "proc").mkdir()
+    (root / "proc/cmdline").write_text("quiet ds=nocloud;s=http://10.44.0.1/seeds/52:54:00:44:00:77/\n")
+    (root / "run/sohocloud").mkdir(parents=True)
+    (root / "run/sohocloud/not-enrolled").write_text("mac=52:54:00:44:00:77\nserver=http://10.44.0.1\n")
+    assert run_fb(root, None) == 0
+    out = capfd.readouterr().out
+    assert "NOT ENROLLED: http://10.44.0.1 has no seed for this machine (MAC 52:54:00:44:00:77)" in out
+    assert "fetch" not in out  # the initrd already asked; firstboot does not try the URL again
+    issue = (root / "etc/issue.d/50-sohocloud-not-enrolled.issue").read_text()
+    assert 'mac: "52:54:00:44:00:77"' in issue and "sohocloud fleet build" in issue
+    assert (root / "etc/ssh/ssh_host_ed25519_key").is_file()
+    assert not (root / "home/admin/.ssh/authorized_keys").exists()
+    assert not (root / "var/lib/sohocloud/firstboot.done").exists()
+
+
 # --------------------------------------------------------------------------- admin keys
 
 

@@ -35,7 +35,7 @@ from builder.site import Cluster, K3sArtifacts, Site, SiteNode, load_site
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "sites" / "example.yaml"
 SITE_ROLES = ("router", "control", "storage", "workstation-host")
-NODES = ("gw", "control", "nas", "ws1")
+NODES = ("gw", "control", "nas", "ws1", "pc1", "pc2")  # pc1, pc2: diskless (PXE)
 
 HAVE_FAT = all(shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin") for t in ("mkfs.vfat", "mcopy", "mdir"))
 
@@ -108,7 +108,7 @@ def test_example_site_providers(site, profiles):
     providers = find_providers(site, profiles)
     assert {svc: n.name for svc, n in providers.items()} == {
         "cluster": "control", "git": "control", "ldap": "control", "logs": "control", "metrics": "control",
-        "nas": "nas"}
+        "nas": "nas", "pxe": "gw"}
 
 
 @pytest.mark.parametrize("drop, expect", [
@@ -174,6 +174,8 @@ def test_control_is_cluster_manager_of_every_cluster_node(blocks):
         "control": {"role": "control", "cluster": "manager"},
         "nas": {"role": "storage", "cluster": "worker"},
         "ws1": {"role": "workstation-host", "cluster": "worker"},
+        "pc1": {"role": "workstation-host", "cluster": "worker"},
+        "pc2": {"role": "workstation-host", "cluster": "worker"},
     }  # not gw: the router is in no cluster
     assert "k3s_token" not in cluster
 
@@ -264,7 +266,7 @@ def test_every_node_gets_services_hosts_and_dns(blocks, site):
     for name, block in blocks.items():
         assert block["hosts"] == hosts, name
         assert block["services"]["nas"] == {"name": "nas", "fqdn": "nas.example.lan", "address": "10.44.0.3"}
-        assert sorted(block["services"]) == ["cluster", "git", "ldap", "logs", "metrics", "nas"], name
+        assert sorted(block["services"]) == ["cluster", "git", "ldap", "logs", "metrics", "nas", "pxe"], name
         if name != "gw":
             assert block["dns"] == {"servers": ["10.44.0.1"], "search": ["example.lan"]}, name
 
@@ -306,3 +308,12 @@ def test_ssha_verifies_and_is_stable():
     assert len(base64.b64decode(h1[6:])) == 20 + 8  # sha1 digest + 8-byte salt
     assert ssha("correct horse") == h1  # same seed on every fleet build
     assert base64.b64decode(ssha("other")[6:])[20:] != base64.b64decode(h1[6:])[20:]  # salt differs per password
+
+
+def test_router_seed_flags_the_netboot_nodes(site, profiles, secrets):
+    """The PXE server serves a seed only for nodes flagged netboot, each to its reserved address."""
+    node = site.node("gw")
+    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, "")
+    hosts = node_settings(site, node, secrets, ctx, frozenset({"pc1", "pc2"}))["router"]["hosts"]
+    assert {h["name"] for h in hosts if h.get("netboot")} == {"pc1", "pc2"}
+    assert {h["name"]: h["address"] for h in hosts}["pc1"] == "10.44.0.21"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import SohoError
-from builder.s4_initrd import (INIT_SCRIPT, Cpio, build_initrd, find_kernel, module_closure, parse_modules_dep,
-                               parse_softdeps)
+from builder.s4_initrd import (INIT_SCRIPT, UDHCPC_SCRIPT, Cpio, build_initrd, find_kernel, module_closure,
+                               parse_modules_dep, parse_softdeps)
 
 KVER = "6.1.0-99-amd64"
 
@@ -251,6 +251,9 @@ def test_build_initrd(tmp_path: Path) -> None:
     _assert_deps_first(order)
 
     assert by["init"].data == INIT_SCRIPT.read_bytes() and stat.S_IMODE(by["init"].mode) == 0o755
+    # The netboot branch's DHCP lease script (busybox udhcpc).
+    assert by["etc/udhcpc.script"].data == UDHCPC_SCRIPT.read_bytes()
+    assert stat.S_IMODE(by["etc/udhcpc.script"].mode) == 0o755
     assert by["bin/busybox"].data == b"\x7fELF busybox" and stat.S_IMODE(by["bin/busybox"].mode) == 0o755
     assert stat.S_ISLNK(by["bin/sh"].mode) and by["bin/sh"].data == b"busybox"
     assert stat.S_ISCHR(by["dev/console"].mode) and by["dev/console"].rdev == (5, 1)

@@ -266,7 +266,9 @@ def test_control_cluster_members(control_root, seed):
     assert members == {"engine": "swarm", "address": "10.44.0.2", "nodes": {
         "control": {"role": "control", "cluster": "manager"},
         "nas": {"role": "storage", "cluster": "worker"},
-        "ws1": {"role": "workstation-host", "cluster": "worker"}}}
+        "ws1": {"role": "workstation-host", "cluster": "worker"},
+        "pc1": {"role": "workstation-host", "cluster": "worker"},
+        "pc2": {"role": "workstation-host", "cluster": "worker"}}}
 
 
 def git_show(repo: Path, rev: str) -> str:
@@ -323,9 +325,9 @@ def test_storage_exports_backup_password_and_syncthing(storage_root, seed):
     exports = (storage_root / "etc/exports.d/sohocloud.exports").read_text().splitlines()
     assert exports[1:] == [
         # only the site's NAS client (ws1), not the whole LAN
-        "/srv/nas 10.44.0.10(rw,fsid=0,crossmnt,no_subtree_check,root_squash,sec=sys)",
-        "/srv/nas/home 10.44.0.10(rw,sync,no_subtree_check,root_squash,sec=sys)",
-        "/srv/nas/shared 10.44.0.10(rw,sync,no_subtree_check,root_squash,sec=sys)",
+        "/srv/nas 10.44.0.10(rw,fsid=0,crossmnt,no_subtree_check,root_squash,sec=sys) 10.44.0.21(rw,fsid=0,crossmnt,no_subtree_check,root_squash,sec=sys) 10.44.0.22(rw,fsid=0,crossmnt,no_subtree_check,root_squash,sec=sys)",
+        "/srv/nas/home 10.44.0.10(rw,sync,no_subtree_check,root_squash,sec=sys) 10.44.0.21(rw,sync,no_subtree_check,root_squash,sec=sys) 10.44.0.22(rw,sync,no_subtree_check,root_squash,sec=sys)",
+        "/srv/nas/shared 10.44.0.10(rw,sync,no_subtree_check,root_squash,sec=sys) 10.44.0.21(rw,sync,no_subtree_check,root_squash,sec=sys) 10.44.0.22(rw,sync,no_subtree_check,root_squash,sec=sys)",
     ]
     restic = storage_root / "etc/sohocloud/restic.pass"
     assert restic.read_text() == block["nas_server"]["backup_password"] + "\n" and mode(restic) == 0o600
@@ -352,3 +354,31 @@ def test_storage_refuses_a_bad_client(storage_root, seed, client):
     p = run_hook(STORAGE, storage_root, block)
     assert p.returncode != 0 and "nas_server.clients" in p.stderr
     assert not (storage_root / "etc/exports.d/sohocloud.exports").exists()
+
+
+PXE_SERVER = OVERLAYS / "pxe-server/usr/lib/sohocloud/firstboot.d/55-pxe-server"
+
+
+def test_pxe_server_binds_the_lan_and_serves_each_seed_to_its_own_address(tmp_path, seed):
+    root = make_root(tmp_path, "gw")
+    block = seed("gw")
+    for h in block["router"]["hosts"]:
+        if h["name"] in ("pc1", "pc2"):
+            h["netboot"] = True
+    ok(run_hook(PXE_SERVER, root, block))
+    conf = (root / "etc/sohocloud/lighttpd-pxe.conf").read_text()
+    assert 'server.bind = "10.44.0.1"' in conf
+    assert '$HTTP["url"] =~ "^/seeds/52:54:00:44:00:21/" { $HTTP["remoteip"] != "10.44.0.21" ' in conf
+    assert "52:54:00:44:00:10" not in conf  # ws1 boots from its disk: no seed served
+    boot = (root / "etc/dnsmasq.d/75-pxe-boot.conf").read_text()
+    assert "dhcp-boot=tag:ipxe,http://10.44.0.1/boot.ipxe" in boot
+
+
+def test_pxe_server_refuses_a_bad_mac(tmp_path, seed):
+    root = make_root(tmp_path, "gw")
+    block = seed("gw")
+    block["router"]["hosts"].append({"name": "x", "mac": '52:54:00:44:00:99" { }', "address": "10.44.0.99",
+                                     "netboot": True})
+    p = run_hook(PXE_SERVER, root, block)
+    assert p.returncode != 0 and "seed value refused: router.hosts[].mac" in p.stderr
+    assert not (root / "etc/sohocloud/lighttpd-pxe.conf").exists()

@@ -1,0 +1,117 @@
+"""Tier 1: the netboot (PXE) target as data, its files, the site's boot script, the diskless
+VM's QEMU line, and the errors a bad netboot target file gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.errors import ConfigError
+from builder.fleet_pxe import site_boot_script
+from builder.pipeline import artefact_path
+from builder.s1_resolve import Repo, resolve
+from builder.s3_customise import fstab
+from builder.s5_assemble import identity, netboot_files, publish_dir
+from builder.schema import QemuSpec
+from builder.site import Site, SiteNode
+from builder.vm import Nic, qemu_argv
+from conftest import edit
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SPEC = QemuSpec(binary="qemu-system-x86_64", machine="q35", firmware_code="/fw/CODE.fd", firmware_vars="/fw/VARS.fd",
+                nic_addrs=("0x3",))
+
+
+def test_pxe_set_path_and_target_data() -> None:
+    cfg = resolve(Repo(REPO_ROOT), "workstation-host", target="pxe")
+    assert cfg.target.netboot and cfg.target.outputs == ("pxe",) and not cfg.target.partitions
+    assert artefact_path(cfg, Path("out")) == Path("out/pxe/workstation-host-debian-amd64")
+    # The rootfs is the role's, whatever the target: the pxe set reuses the qemu image's tree.
+    assert cfg.all_packages() == resolve(Repo(REPO_ROOT), "workstation-host").all_packages()
+    assert {"squashfs", "overlay", "loop", "virtio_net"} <= set(cfg.target.initrd_modules)
+
+
+def test_netboot_fstab_has_no_root_and_gives_container_engines_a_tmpfs() -> None:
+    cfg = resolve(Repo(REPO_ROOT), "workstation-host", target="pxe")
+    text = fstab(cfg, identity("ab" * 32, ()))
+    entries = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
+    assert all(e[1] != "/" for e in entries) and "UUID=" not in text
+    assert "tmpfs /var/lib/docker tmpfs" in text and "tmpfs /var/lib/containers tmpfs" in text
+
+
+def test_boot_script_names_the_set_its_squashfs_sha_and_the_seed_by_mac(tmp_path: Path) -> None:
+    ctx = {"name": "workstation-host-debian-amd64", "role": "workstation-host", "distro": "debian", "arch": "amd64",
+           "inputs_hash": "f" * 64, "kernel_file": "vmlinuz", "initrd_file": "initrd.img", "cmdline": "quiet",
+           "squashfs_sha256": "a" * 64, "vars": {}}
+    files = netboot_files(REPO_ROOT / "images/pxe", ctx)
+    script = files["boot.ipxe"].decode()
+    assert script.startswith("#!ipxe\n")
+    kernel = next(line for line in script.splitlines() if line.startswith("kernel "))
+    assert "${base}/vmlinuz initrd=initrd.img quiet" in kernel
+    assert f"sohocloud.squashfs=${{base}}/rootfs.squashfs sohocloud.squashfs_sha256={'a' * 64}" in kernel
+    assert "ds=nocloud;s=${sohocloud-http}/seeds/${mac}/" in kernel and "BOOTIF=01-${mac:hexhyp}" in kernel
+    assert "set base ${sohocloud-http}/pxe/workstation-host-debian-amd64" in script
+
+
+def test_site_boot_script_sends_each_mac_to_its_set_and_others_unenrolled() -> None:
+    nodes = (SiteNode("gw", "router", "10.44.0.1", "52:54:00:44:00:01"),
+             SiteNode("pc1", "workstation-host", "10.44.0.21", "52:54:00:44:00:21", target="pxe"),
+             SiteNode("pc2", "workstation-host", "10.44.0.22", "52:54:00:44:00:22", target="pxe"))
+    site = Site("office", "office.lan", "10.44.0.0/24", ("ssh-ed25519 AAAA x",), nodes, gateway="gw")
+    text = site_boot_script(site, "10.44.0.1", {"pc1": "ws-a", "pc2": "ws-b"})
+    lines = text.splitlines()
+    assert lines[0] == "#!ipxe" and "set sohocloud-http http://10.44.0.1" in lines
+    assert "iseq ${mac} 52:54:00:44:00:21 && chain ${sohocloud-http}/pxe/ws-a/boot.ipxe ||" in lines
+    assert "iseq ${mac} 52:54:00:44:00:22 && chain ${sohocloud-http}/pxe/ws-b/boot.ipxe ||" in lines
+    assert "not enrolled" in lines[-2] and lines[-1] == "chain ${sohocloud-http}/pxe/ws-a/boot.ipxe"
+
+
+def test_diskless_vm_boots_its_nic_under_bios_or_uefi(tmp_path: Path) -> None:
+    nic = [Nic("tap", ifname="t-pc1", mac="52:54:00:44:00:21")]
+    bios = qemu_argv(SPEC, "amd64", None, nics=nic, netboot=True)
+    assert "-boot" in bios and bios[bios.index("-boot") + 1] == "order=n,reboot-timeout=5000"
+    assert not any("pflash" in a or "virtio-blk" in a for a in bios)
+    assert not any("bootindex" in a for a in bios)  # SeaBIOS ignores a NIC's bootindex
+    uefi = qemu_argv(SPEC, "amd64", None, nics=nic, netboot=True, uefi_vars=tmp_path / "vars.fd")
+    assert any("pflash" in a and "CODE.fd" in a for a in uefi) and "-boot" not in uefi
+    assert any(a.startswith("virtio-net-pci,") and "bootindex=1" in a for a in uefi)
+    with pytest.raises(ValueError):
+        qemu_argv(SPEC, "amd64", tmp_path / "d.qcow2", nics=nic)  # a disk node without firmware or kernel
+
+
+def test_publish_dir_replaces_the_whole_set(tmp_path: Path) -> None:
+    dest = tmp_path / "pxe" / "set"
+    dest.mkdir(parents=True)
+    (dest / "old-only").write_text("old")
+    stage = tmp_path / "pxe" / ".set.new"
+    stage.mkdir()
+    (stage / "boot.ipxe").write_text("new")
+    publish_dir(stage, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["boot.ipxe"] and not stage.exists()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["set"]
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("outputs: [pxe]", "outputs: [qcow2]", "outputs: bootloader ipxe writes the pxe set"),
+    ("seed_dir: /run/sohocloud/netseed", "seed_dir: /boot/seed", "expected a path below /run/"),
+    ("boot_templates: pxe", "boot_templates: nope", "holding boot.ipxe.j2"),
+    ("tmpfs: [/var/lib/docker, /var/lib/containers]", "tmpfs: [/run, /var/lib/containers]",
+     "tmpfs[0]: expected an absolute path below /"),
+    ("bootloader: ipxe", "bootloader: ipxe\npartitions: [{name: root, type: root, fs: ext4, size: auto}]",
+     "has no disk: expected no partitions"),
+])
+def test_bad_netboot_target_is_a_config_error(repo: Path, old: str, new: str, expected: str) -> None:
+    f = repo / "images/pxe.yaml"
+    edit(f, old, new)
+    with pytest.raises(ConfigError) as ei:
+        resolve(Repo(repo), "workstation-host", target="pxe")
+    msg = str(ei.value)
+    assert str(f) in msg and expected in msg, msg
+
+
+def test_a_disk_target_cannot_write_the_pxe_set(repo: Path) -> None:
+    edit(repo / "images/qemu.yaml", "outputs: [qcow2]", "outputs: [pxe]")
+    with pytest.raises(ConfigError) as ei:
+        resolve(Repo(repo), "workstation-host", target="qemu")
+    assert "made by netboot targets" in str(ei.value)
