@@ -108,13 +108,14 @@ def data_disks(paths: FleetPaths, node: SiteNode, manifest: dict) -> tuple[tuple
 
 
 def pxe_server(site: Site, repo: Repo) -> SiteNode:
-    """The node whose role provides pxe (the router, through profiles/pxe-server.yaml)."""
+    """The node that provides pxe (the router, through profiles/pxe-server.yaml)."""
+    from .fleet import find_providers
     from .s1_resolve import load_profile
 
-    for n in site.nodes:
-        if "pxe" in load_profile(repo, n.role).provides:
-            return n
-    raise SohoError(f"site {site.name}: netboot nodes but no node provides pxe")
+    providers = find_providers(site, {r: load_profile(repo, r) for r in {n.role for n in site.nodes}})
+    if "pxe" not in providers:
+        raise SohoError(f"site {site.name}: netboot nodes but no node provides pxe")
+    return providers["pxe"]
 
 
 _HTTP_PROBE = """

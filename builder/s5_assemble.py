@@ -195,8 +195,6 @@ def board_boot_files(target, boot_tree: Path, dtb_tree: Path, kernel: Path, init
                      templates: Path | None, context: dict) -> dict[str, Path | bytes]:
     """A board's boot partition: firmware files, DTBs, kernel, initrd and the rendered boot
     templates (config.txt, extlinux.conf, ...), all named by the target's data."""
-    import jinja2
-
     files: dict[str, Path | bytes] = {}
 
     def add(entries, tree: Path, what: str) -> list[str]:
@@ -218,18 +216,24 @@ def board_boot_files(target, boot_tree: Path, dtb_tree: Path, kernel: Path, init
     files[target.kernel_file] = kernel
     files[target.initrd_file] = initrd
     if templates is not None:
-        env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)), undefined=jinja2.StrictUndefined,
-                                 keep_trailing_newline=True)
-        ctx = dict(context, kernel=target.kernel_file, initrd=target.initrd_file, cmdline=cmdline, dtbs=dtbs,
-                   vars=target.vars)
-        for p in sorted(templates.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(templates).as_posix()
-                if rel.endswith(".j2"):
-                    files[rel[:-3]] = env.get_template(rel).render(**ctx).encode()
-                else:
-                    files[rel] = p
+        files.update(render_templates(templates, dict(context, kernel=target.kernel_file, initrd=target.initrd_file,
+                                                      cmdline=cmdline, dtbs=dtbs, vars=target.vars)))
     return files
+
+
+def render_templates(templates: Path, context: dict) -> dict[str, Path | bytes]:
+    """A target's template folder: *.j2 rendered (and named without the suffix), other files as they are."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    out: dict[str, Path | bytes] = {}
+    for p in sorted(templates.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(templates).as_posix()
+            out[rel.removesuffix(".j2")] = env.get_template(rel).render(**context).encode() if rel.endswith(".j2") \
+                else p
+    return out
 
 
 BOOTLOADERS = {"systemd-boot": systemd_boot_files}
@@ -296,17 +300,8 @@ def to_squashfs(root: Path, out: Path, epoch: int) -> None:
 
 def netboot_files(templates: Path, context: dict) -> dict[str, bytes]:
     """The boot scripts of a netboot set (boot.ipxe, ...): the target's templates rendered."""
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True)
-    out: dict[str, bytes] = {}
-    for p in sorted(templates.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(templates).as_posix()
-            out[rel.removesuffix(".j2")] = (env.get_template(rel).render(**context) if rel.endswith(".j2")
-                                            else p.read_text()).encode()
-    return out
+    return {rel: data if isinstance(data, bytes) else data.read_bytes()
+            for rel, data in render_templates(templates, context).items()}
 
 
 def publish_dir(staging: Path, dest: Path) -> None:
