@@ -62,6 +62,8 @@ test: deps
 
 test-unit: venv
 	$(PY) -m pytest tests/unit -q
+	@# make test collects both tiers in one session: a name clash between them fails only there.
+	@out=$$($(PY) -m pytest --collect-only -q tests/unit tests/boot 2>&1) || { echo "$$out" | tail -40; exit 1; }
 
 test-boot: deps
 	$(PY) -m pytest tests/boot -v

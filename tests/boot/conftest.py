@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import sys
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,29 +26,14 @@ import pytest
 import testinfra
 
 from builder.netlab import Netns, unique_name
-from builder.pipeline import build
 from builder.s1_resolve import Repo, resolve
 from builder.secrets import wireguard_keypair
 from builder.seed import render_seed, write_cidata
 from builder.vm import VM, Nic, wait_ssh_banner
 
-REPO = Path(__file__).resolve().parents[2]
-OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
-ARTIFACTS = Path(os.environ.get("SOHOCLOUD_TEST_ARTIFACTS", REPO / "out" / "test-logs"))
-BOOT_TIMEOUT = float(os.environ.get("SOHOCLOUD_BOOT_TIMEOUT", "240"))
+from bootkit import ARTIFACTS, BOOT_TIMEOUT, REPO, build_image, free_port  # tests/boot is on sys.path
 
 pytestmark = pytest.mark.boot
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("boot tests need root (network namespaces, tap devices)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CliBoot:
@@ -127,12 +111,6 @@ ROUTER_BUILDS = {
 }
 CARD_SIZE = "2G"  # router A's disk: larger than any image, like a card larger than the image on it
 ARCHES = [a for a in os.environ.get("SOHOCLOUD_TEST_ARCHES", "amd64 arm64").split() if a in ROUTER_BUILDS]
-
-
-def build_image(role: str, target: str = "qemu", arch: str = "amd64") -> Path:
-    """Build (or reuse: each image is built once per run) one image into OUT."""
-    _require_root()
-    return build(resolve(Repo(REPO), role, target=target, arch=arch), OUT).artefact
 
 
 @pytest.fixture(scope="session")
@@ -242,39 +220,6 @@ def routers(router_arch, router_images, test_key, lan, tmp_path_factory) -> Iter
         shutil.copytree(work, ARTIFACTS / f"work-{router_arch}", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.qcow2", "*.img", "*.raw", "*.fd", "vmlinuz", "initrd.img",
                                                       "id"))
-
-
-def disk_raw(image: Path, work: Path) -> Path:
-    """The image's whole disk as a raw file (a card image unpacked with its bmap)."""
-    from builder.vm import disk_format, unpack_card_image
-
-    return image if disk_format(image) == "qcow2" else unpack_card_image(image, work / f"{image.name}.raw")
-
-
-def partition_raw(image: Path, kind: str, work: Path) -> Path:
-    """One partition (the first of type *kind*) of an image, as a raw file."""
-    from builder.proc import run
-
-    manifest = json.loads(Path(str(image) + ".manifest.json").read_text())
-    part = next(p for p in manifest["partitions"] if p["type"] == kind)
-    disk = disk_raw(image, work)
-    out, mib = work / f"{kind}.img", 1 << 20
-    run(["qemu-img", "dd", "-f", "qcow2" if disk.name.endswith(".qcow2") else "raw", "-O", "raw", f"bs={mib}",
-         f"skip={part['start'] // mib}", f"count={part['size'] // mib}", f"if={disk}", f"of={out}"])
-    return out
-
-
-def write_router_site(path: Path, name: str, key_pub: Path, *, net: str = "10.44.0", extra: str = "") -> Path:
-    """A one-node site (its router) for the fleet commands; *extra* lines go before `nodes:`."""
-    path.write_text(f"""\
-site: {name}
-domain: {name}.lan
-lan: {net}.0/24
-admin_ssh_keys: ["{key_pub.read_text().strip()}"]
-{extra}nodes:
-  - {{name: gw, role: router, address: {net}.1, mac: "52:54:00:{net.split('.')[1]}:00:01"}}
-""")
-    return path
 
 
 def _wait_login(node: Node, timeout: float = 120) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.cache import StageCache
-from conftest import write_router_site  # tests/boot is on sys.path (pytest prepend import mode)
+from bootkit import write_router_site  # tests/boot is on sys.path (prepend import mode)
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BOOT_TIMEOUT, free_port  # tests/boot is on sys.path (prepend import mode)
+from bootkit import BOOT_TIMEOUT, free_port  # tests/boot is on sys.path (prepend import mode)
 
 from builder.seed import render_seed, write_cidata
 from builder.vm import VM, Nic, image_info, seed_lan_address, user_lan, wait_ssh_banner

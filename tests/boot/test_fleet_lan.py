@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_router_site  # tests/boot is on sys.path (pytest prepend import mode)
+from bootkit import write_router_site  # tests/boot is on sys.path (prepend import mode)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.boot

@@ -15,7 +15,7 @@ import pytest
 
 from builder.proc import run
 from builder.secrets import wireguard_public
-from conftest import partition_raw  # tests/boot is on sys.path (pytest prepend import mode)
+from bootkit import partition_raw  # tests/boot is on sys.path (prepend import mode)
 
 pytestmark = pytest.mark.boot
 GUEST_SOCKETS = Path(__file__).with_name("guest_sockets.py")

@@ -18,10 +18,3 @@ def repo(tmp_path: Path) -> Path:
         if (REPO_ROOT / name).exists():
             shutil.copytree(REPO_ROOT / name, root / name, symlinks=True)
     return root
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    """Replace the first *old* in *path*; the test's expectation of the file must still hold."""
-    text = path.read_text()
-    assert old in text, f"test fixture out of date: {old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))

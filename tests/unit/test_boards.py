@@ -15,7 +15,7 @@ from builder.s2_rootfs import check_foreign_arch, is_foreign
 from builder.s4_initrd import kernel_members, module_selected, parse_package_versions
 from builder.s5_assemble import (board_boot_files, identity, place_blobs, plan_layout, sfdisk_script)
 from builder.schema import RawBlob
-from conftest import edit
+from repo_edit import edit  # tests/unit is on sys.path (prepend import mode)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20

@@ -19,7 +19,7 @@ import pytest
 from builder.errors import ConfigError
 from builder.s1_resolve import Repo, load_profile, resolve
 from builder.schema import parse_size
-from conftest import edit
+from repo_edit import edit  # tests/unit is on sys.path (prepend import mode)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

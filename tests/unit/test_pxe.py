@@ -16,7 +16,7 @@ from builder.s5_assemble import identity, netboot_files, publish_dir
 from builder.schema import QemuSpec
 from builder.site import Site, SiteNode
 from builder.vm import Nic, qemu_argv
-from conftest import edit
+from repo_edit import edit  # tests/unit is on sys.path (prepend import mode)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC = QemuSpec(binary="qemu-system-x86_64", machine="q35", firmware_code="/fw/CODE.fd", firmware_vars="/fw/VARS.fd",
