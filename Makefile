@@ -58,7 +58,7 @@ image: deps
 	$(SOHOCLOUD) build router --arch amd64 --target qemu -o $(OUT)
 
 test: deps
-	$(PY) -m pytest tests/unit tests/boot -v
+	$(PY) -m pytest tests/unit tests/boot -v --durations=30
 
 test-unit: venv
 	$(PY) -m pytest tests/unit -q

@@ -244,53 +244,68 @@ def check_desktop_image(probe: FleetProbe) -> None:
     expect("/usr/bin/openbox" in out, f"podman run: {out!r}")
 
 
+# A full TCP connect scan, run on the workstation host (a NAS client: what any LAN client
+# sees), one process per target node on the guest's CPUs (its Python under TCG is the slow
+# part). A dropped port never answers: each batch gets 1.5 s (the kernel resends a SYN at 1 s).
 SCANNER = r"""
-import errno, select, socket, sys
-host = sys.argv[1]
-open_ports = []
-ports = list(range(1, 65536))
-for start in range(0, len(ports), 8000):
-    socks = {}
-    for p in ports[start:start + 8000]:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setblocking(False)
-        if s.connect_ex((host, p)) in (0, errno.EINPROGRESS):
-            socks[s] = p
-        else:
+import errno, multiprocessing, os, select, socket, sys, time
+
+def scan(host):
+    open_ports = []
+    for start in range(1, 65536, 8000):
+        socks = {}
+        for port in range(start, min(start + 8000, 65536)):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            err = s.connect_ex((host, port))
+            if err not in (0, errno.EINPROGRESS):  # a port we could not try is not a closed port
+                raise SystemExit(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
+            socks[s.fileno()] = (s, port)
+        poller = select.poll()
+        for fd in socks:
+            poller.register(fd, select.POLLOUT)
+        pending, t0 = set(socks), time.monotonic()
+        while pending and time.monotonic() - t0 < 1.5:
+            for fd, _ev in poller.poll(500):
+                pending.discard(fd)
+                poller.unregister(fd)
+                s, port = socks[fd]
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    open_ports.append(port)
+        for s, _ in socks.values():
             s.close()
-    poller = select.poll()
-    pending = {s.fileno(): s for s in socks}
-    for fd in pending:
-        poller.register(fd, select.POLLOUT)
-    import time
-    t0 = time.monotonic()
-    # LAN answers (SYN-ACK or RST) come in milliseconds; a dropped port never answers.
-    while pending and time.monotonic() - t0 < 1.5:
-        for fd, _ev in poller.poll(500):
-            s = pending.pop(fd, None)
-            if s is None:
-                continue
-            poller.unregister(fd)
-            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                open_ports.append(socks[s])
-    for s in socks:
-        s.close()
-print(" ".join(map(str, sorted(open_ports))))
+    return host, sorted(open_ports)
+
+if __name__ == "__main__":
+    with multiprocessing.Pool(min(len(sys.argv) - 1, os.cpu_count() or 1)) as pool:
+        for host, ports in pool.imap(scan, sys.argv[1:]):
+            print(host, *ports)
 """
 
 
 def check_port_scan(probe: FleetProbe) -> None:
-    """A TCP scan from a workstation host (a NAS client) sees exactly each node's declared LAN ports."""
+    """A full TCP scan from a workstation host (a NAS client) sees exactly each node's declared LAN ports."""
     ws = probe.users_of("nas")[0]
+    declared = {n.address: sorted({p["port"] for p in probe.manifest(n)["ports"]
+                                   if p["zone"] == "lan" and p["proto"] == "tcp"}) for n in probe.site.nodes if n != ws}
+    # ulimit: 8000 sockets in flight per process.
+    out = probe.ssh(ws, f"ulimit -n 16384; f=$(mktemp) && cat > $f && python3 $f {' '.join(declared)}; "
+                        "rc=$?; rm -f $f; exit $rc", stdin=SCANNER, timeout=900).stdout
+    seen = {h: [int(x) for x in rest] for h, *rest in (line.split() for line in out.splitlines())}
     problems = []
     for n in probe.site.nodes:
         if n == ws:
             continue
-        declared = sorted({p["port"] for p in probe.manifest(n)["ports"] if p["zone"] == "lan" and p["proto"] == "tcp"})
-        out = probe.ssh(ws, f"ulimit -n 16384; python3 - {n.address}", stdin=SCANNER, timeout=300).stdout.split()
-        seen = sorted(int(x) for x in out)
-        if seen != declared:
-            problems.append(f"{n.name}: open {seen}, declared {declared}")
+        opened = seen.get(n.address, [])
+        # A declared port the scan missed gets one unhurried second look (one connect, 10 s)
+        # before it counts as closed: a busy guest is not a closed port.
+        for port in sorted(set(declared[n.address]) - set(opened)):
+            again = probe.ssh(ws, f"python3 -c 'import socket; socket.create_connection((\"{n.address}\", {port}), "
+                                  "timeout=10).close()'", check=False, timeout=60)
+            if again.returncode == 0:
+                opened = sorted([*opened, port])
+        if opened != declared[n.address]:
+            problems.append(f"{n.name}: open {opened}, declared {declared[n.address]}")
     expect(not problems, "; ".join(problems))
 
 
