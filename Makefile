@@ -61,7 +61,7 @@ test: deps
 	$(PY) -m pytest tests/unit tests/boot -v --durations=30
 
 test-unit: venv
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -v
 	@# make test collects both tiers in one session: a name clash between them fails only there.
 	@out=$$($(PY) -m pytest --collect-only -q tests/unit tests/boot 2>&1) || { echo "$$out" | tail -40; exit 1; }
 
