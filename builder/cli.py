@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import SohoError
@@ -31,7 +33,9 @@ class _Elapsed(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        return f"[{time.monotonic() - self.t0:6.1f}s] {level}{msg}"
+        # Lines from a build lane (fleet build runs foreign-arch images beside native ones) say which.
+        lane = "" if threading.current_thread() is threading.main_thread() else f"[{threading.current_thread().name}] "
+        return f"[{time.monotonic() - self.t0:6.1f}s] {lane}{level}{msg}"
 
 
 def setup_logging(verbose: bool) -> None:
@@ -136,9 +140,7 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
     secrets = SiteSecrets(Path(args.secrets) / site.name)
     out = Path(args.output)
     cache = StageCache()
-    for i, cfg in enumerate(cfgs, 1):
-        log.info("fleet %s: image %d/%d: %s", site.name, i, len(cfgs), cfg.slug)
-        build(cfg, out, cache=cache, use_cache=not args.no_cache)
+    build_lanes(site.name, cfgs, lambda cfg: build(cfg, out, cache=cache, use_cache=not args.no_cache))
     seeds = out / site.name / "seeds"
     site_text = path.read_text()
     seed_files = {}
@@ -159,6 +161,45 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
                  ", ".join(n.name for n in netboot), volume, server.name)
     print(seeds)
     return 0
+
+
+def build_lanes(site_name: str, cfgs: list, build_one) -> None:
+    """Build *cfgs* in two lanes at once: foreign-arch images (emulated maintainer scripts,
+    one core) beside the native ones (downloads, compression), each lane in order. The other
+    lane finishes its current image before a failure is raised."""
+    from .s2_rootfs import is_foreign
+
+    lanes: dict[str, list] = {}
+    for cfg in cfgs:
+        lanes.setdefault(cfg.arch if is_foreign(cfg.arch) else "native", []).append(cfg)
+    order = {id(cfg): i for i, cfg in enumerate(cfgs, 1)}
+    stop = threading.Event()
+
+    def run_lane(lane: list) -> None:
+        for cfg in lane:
+            if stop.is_set():
+                return
+            log.info("fleet %s: image %d/%d: %s", site_name, order[id(cfg)], len(cfgs), cfg.slug)
+            try:
+                build_one(cfg)
+            except BaseException:
+                stop.set()
+                raise
+
+    if len(lanes) == 1:
+        run_lane(cfgs)
+        return
+    from .progress import plain_lines
+
+    with plain_lines(), ThreadPoolExecutor(len(lanes)) as pool:
+        futures = [pool.submit(_named, name, run_lane, lane) for name, lane in lanes.items()]
+    for f in futures:
+        f.result()
+
+
+def _named(name: str, fn, *args) -> None:
+    threading.current_thread().name = name  # log lines of this lane carry it
+    fn(*args)
 
 
 def _load_site(site_arg: str):

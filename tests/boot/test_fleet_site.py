@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,20 @@ def office(tmp_path_factory, test_key):
     r = cli("fleet", "up", str(site_file), "-o", str(OUT), *[a for n in first for a in ("--only", n)])
     assert r.returncode == 0, r.stderr[-2000:] + "".join(console(n) for n in first)
     probe = FleetProbe.open(site, repo, OUT, secrets / SITE, str(test_key))
-    yield {"site": site, "file": site_file, "probe": probe, "manager": manager, "secrets": secrets,
-           "build_s": build_s, "t0": t0, "build_log": r.stdout + r.stderr}
+    # The desktop image check (minutes of docker and podman unpacking under TCG on one node)
+    # runs beside everything else from here on; test_desktop_image_loads_and_runs collects it.
+    with ThreadPoolExecutor(1) as background:
+        desktop = background.submit(_desktop_image, probe)
+        yield {"site": site, "file": site_file, "probe": probe, "manager": manager, "secrets": secrets,
+               "build_s": build_s, "t0": t0, "build_log": r.stdout + r.stderr, "desktop": desktop}
+        desktop.cancel()
     cli("fleet", "down", str(site_file), "-o", str(OUT))
+
+
+def _desktop_image(probe: FleetProbe) -> None:
+    ws = next(n for n in probe.site.nodes if probe.profile(n).images)
+    probe.ssh(ws, "sudo systemctl start docker.service", timeout=600)  # it may still be starting
+    CHECKS["desktop-image"](probe)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +117,7 @@ def test_worker_booted_before_manager_joined_later(joined):
     assert "70-cluster: not yet" in log and "joined the swarm" in log
 
 
-@pytest.mark.parametrize("check", [c for c in CHECKS if c != "cluster"])
+@pytest.mark.parametrize("check", [c for c in CHECKS if c not in ("cluster", "desktop-image")])
 def test_fleet_check(joined, check):
     CHECKS[check](joined["probe"])
 
@@ -121,14 +133,27 @@ def test_secrets_stay_out_of_images_manifests_and_logs(joined):
         assert not any(v in t for t in texts)
 
 
-def test_storage_reimaged_keeps_its_data(joined):
-    """A fresh root on the NAS (re-install) finds its data disk and never formats it."""
+@pytest.fixture(scope="module")
+def restarted(joined):
+    """The NAS re-imaged (a fresh root, its old data disk) and a diskless PC power-cycled, both
+    in one `fleet up`: each is checked by its own test below."""
     probe, site, f = joined["probe"], joined["site"], str(joined["file"])
     nas = next(n for n in site.nodes if n.role == "storage")
+    pc = _netboot_nodes(joined)[0]
     probe.ssh(nas, "echo kept-across-reimage | sudo tee /srv/nas/shared/reimage-check.txt >/dev/null && sync")
-    assert cli("fleet", "down", f, "-o", str(OUT), "--only", nas.name).returncode == 0
-    r = cli("fleet", "up", f, "-o", str(OUT), "--only", nas.name, "--reimage", nas.name)
-    assert r.returncode == 0, r.stderr[-2000:] + console(nas.name)
+    probe.ssh(pc, "echo first-boot | sudo tee /etc/netboot-mark /var/tmp/netboot-mark >/dev/null && "
+                  "echo x > ~/netboot-mark")
+    boot_id = probe.ssh(pc, "cat /proc/sys/kernel/random/boot_id").stdout
+    both = ("--only", nas.name, "--only", pc.name)
+    assert cli("fleet", "down", f, "-o", str(OUT), *both).returncode == 0
+    r = cli("fleet", "up", f, "-o", str(OUT), *both, "--reimage", nas.name)
+    assert r.returncode == 0, r.stderr[-2000:] + console(nas.name) + console(pc.name)
+    return {**joined, "nas": nas, "pc": pc, "pc_boot_id": boot_id}
+
+
+def test_storage_reimaged_keeps_its_data(restarted):
+    """A fresh root on the NAS (re-install) finds its data disk and never formats it."""
+    probe, nas = restarted["probe"], restarted["nas"]
     assert probe.ssh(nas, "cat /srv/nas/shared/reimage-check.txt").stdout == "kept-across-reimage\n"
     log = probe.ssh(nas, "sudo journalctl -b -u sohocloud-firstboot --no-pager").stdout
     assert "existing 'sc-data' filesystem kept" in log and "creating ext4" not in log
@@ -142,23 +167,22 @@ def _netboot_nodes(joined) -> list:
     return probe.nodes_with(lambda m: m.get("bootloader") == "ipxe")
 
 
-def test_netboot_second_boot_starts_clean(joined):
+def test_netboot_second_boot_starts_clean(restarted):
     """A diskless node's reboot starts from the squashfs again: what the first boot wrote outside
     the NAS is gone; it fetches its seed again and is back in the cluster with its NAS home."""
-    probe, f = joined["probe"], str(joined["file"])
-    node = _netboot_nodes(joined)[0]
-    probe.ssh(node, "echo first-boot | sudo tee /etc/netboot-mark /var/tmp/netboot-mark >/dev/null && "
-                    "echo x > ~/netboot-mark")
-    boot_id = probe.ssh(node, "cat /proc/sys/kernel/random/boot_id").stdout
-    assert cli("fleet", "down", f, "-o", str(OUT), "--only", node.name).returncode == 0
-    r = cli("fleet", "up", f, "-o", str(OUT), "--only", node.name)
-    assert r.returncode == 0, r.stderr[-2000:] + console(node.name)
-    assert probe.ssh(node, "cat /proc/sys/kernel/random/boot_id").stdout != boot_id
+    probe, node = restarted["probe"], restarted["pc"]
+    assert probe.ssh(node, "cat /proc/sys/kernel/random/boot_id").stdout != restarted["pc_boot_id"]
     left = probe.ssh(node, "ls /etc/netboot-mark /var/tmp/netboot-mark ~/netboot-mark 2>/dev/null", check=False)
     assert left.stdout.strip() == "", f"survived the reboot: {left.stdout}"
     CHECKS["units"](probe)
     CHECKS["cluster"](probe)
     CHECKS["netboot"](probe)
+
+
+def test_desktop_image_loads_and_runs(joined):
+    """The desktop OCI image loads into docker and podman on a workstation host and runs a
+    command (started in the background when the first nodes were up)."""
+    joined["desktop"].result(timeout=1800)
 
 
 def test_netboot_refuses_a_corrupt_squashfs(joined):

@@ -75,3 +75,62 @@ def test_node_seed_files(site, tmp_path, caplog):
     assert block["tls"]["key"].encode() == (secrets.root / "nodes" / "gw.key").read_bytes()
     # nothing secret was logged on the way
     assert "PRIVATE KEY" not in caplog.text
+
+
+# --------------------------------------------------------------------------- fleet build lanes
+
+def _cfg(slug: str, arch: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(slug=slug, arch=arch)
+
+
+def test_build_lanes_run_foreign_arch_images_beside_native_ones_each_in_order() -> None:
+    import threading
+
+    from builder.cli import build_lanes
+    from builder.s2_rootfs import HOST_ARCH
+
+    other = "arm64" if HOST_ARCH != "arm64" else "amd64"
+    cfgs = [_cfg("n1", HOST_ARCH), _cfg("f1", other), _cfg("n2", HOST_ARCH), _cfg("f2", other)]
+    both_running = threading.Barrier(2, timeout=10)  # passes only if the two lanes overlap
+    seen: list[tuple[str, str]] = []
+
+    def build_one(cfg) -> None:
+        if cfg.slug in ("n1", "f1"):
+            both_running.wait()
+        seen.append((threading.current_thread().name, cfg.slug))
+
+    build_lanes("office", cfgs, build_one)
+    assert [s for lane, s in seen if lane == "native"] == ["n1", "n2"]
+    assert [s for lane, s in seen if lane == other] == ["f1", "f2"]
+
+
+def test_build_lanes_stop_after_a_failure_and_raise_it() -> None:
+    from builder.cli import build_lanes
+    from builder.errors import SohoError
+    from builder.s2_rootfs import HOST_ARCH
+
+    other = "arm64" if HOST_ARCH != "arm64" else "amd64"
+    built: list[str] = []
+
+    def build_one(cfg) -> None:
+        if cfg.slug == "f1":
+            raise SohoError("f1: mmdebstrap failed")
+        built.append(cfg.slug)
+
+    with pytest.raises(SohoError, match="f1: mmdebstrap failed"):
+        build_lanes("office", [_cfg("f1", other), _cfg("f2", other), _cfg("n1", HOST_ARCH)], build_one)
+    assert "f2" not in built  # its lane stopped at the failure
+
+
+def test_build_lanes_one_arch_builds_in_order_in_this_thread() -> None:
+    import threading
+
+    from builder.cli import build_lanes
+    from builder.s2_rootfs import HOST_ARCH
+
+    seen = []
+    build_lanes("office", [_cfg("a", HOST_ARCH), _cfg("b", HOST_ARCH)],
+                lambda cfg: seen.append((threading.current_thread() is threading.main_thread(), cfg.slug)))
+    assert seen == [(True, "a"), (True, "b")]
