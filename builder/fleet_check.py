@@ -259,7 +259,8 @@ def scan(host):
             s.setblocking(False)
             err = s.connect_ex((host, port))
             if err not in (0, errno.EINPROGRESS):  # a port we could not try is not a closed port
-                raise SystemExit(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
+                # (OSError, not SystemExit: a pool worker hands an Exception back; SystemExit kills it)
+                raise OSError(err, f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
             socks[s.fileno()] = (s, port)
         poller = select.poll()
         for fd in socks:

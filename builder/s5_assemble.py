@@ -263,7 +263,7 @@ def to_img_xz(raw: Path, out: Path, bmap: Path) -> None:
     try:
         run(["bmaptool", "create", "-o", tmp_bmap, raw])
         # -1: measured here on the 1.2 GB storage card, 31.6 s for 155 MB against -3's 81 s for
-        # 150 MB (and -6's many minutes): 3 % more bytes for a card that is written once.
+        # 150 MB (-6: ten times -3's time): 3 % more bytes for a card that is written once.
         run(["xz", "-T2", "-1", "--keep", "--force", raw])
         shutil.move(raw.with_name(raw.name + ".xz"), tmp)
         os.replace(tmp_bmap, bmap)
