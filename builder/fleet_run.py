@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SohoError
-from .netlab import Netns
+from .netlab import Netns, probe_in_netns
 from .fleet_pxe import pxe_volume_path
 from .pipeline import artefact_path
 from .s6_manifest import recorded_sha256
@@ -130,13 +130,9 @@ except Exception:
 
 def wait_http(url: str, netns: str, timeout: float) -> None:
     """Until *url* answers 200 from inside *netns*."""
-    import sys
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _HTTP_PROBE, url],
-                           capture_output=True, text=True, timeout=30)
-        if r.stdout.strip() == "ok":
+        if probe_in_netns(netns, _HTTP_PROBE, url, timeout=30).strip() == "ok":
             return
         time.sleep(1)
     raise SohoError(f"{url} did not answer within {timeout:.0f} s (is the PXE server up, its volume attached?)")

@@ -16,6 +16,16 @@ from .proc import run
 log = logging.getLogger("sohocloud.netlab")
 
 
+def probe_in_netns(netns: str, script: str, *args: str, timeout: float) -> str:
+    """Run a small Python *script* (this interpreter) inside *netns*; its stdout. A probe, not
+    a build step: a failure is an answer ("" or the script's output), never an exception."""
+    import sys
+
+    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script, *args],
+                       capture_output=True, text=True, timeout=timeout)
+    return r.stdout
+
+
 @dataclass
 class Netns:
     """A namespace holding one bridge (the LAN); taps and veth clients attach to it."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SohoError
+from .netlab import probe_in_netns
 from .proc import run
 from .s6_manifest import read_manifest
 from .schema import QemuSpec
@@ -412,11 +413,7 @@ except OSError:
 
 def _banner_netns(host: str, port: int, netns: str, wait: float) -> bool:
     """One probe from inside *netns*: returns as soon as the banner (or a refusal) arrives."""
-    import sys
-
-    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _PROBE, host, str(port), str(wait)],
-                       capture_output=True, text=True, timeout=wait + 10)
-    return r.stdout.startswith("SSH-")
+    return probe_in_netns(netns, _PROBE, host, str(port), str(wait), timeout=wait + 10).startswith("SSH-")
 
 
 def boot_interactive(image: Path, *, seed: Path | None, ssh_port: int, firmware: str, memory: int) -> int:
