@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from builder.cache import StageCache
-from bootkit import write_router_site  # tests/boot is on sys.path (prepend import mode)
+from bootkit import OUT, REPO, write_router_site  # tests/boot is on sys.path (prepend import mode)
 
-REPO = Path(__file__).resolve().parents[2]
-OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
 pytestmark = pytest.mark.boot
 
 

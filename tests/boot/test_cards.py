@@ -22,9 +22,8 @@ from builder.cache import StageCache
 from builder.flash import check_device, parse_bmap
 from builder.proc import run
 from builder.seed import read_seed_from_fat, render_seed, write_cidata, write_seed_to_fat
-from bootkit import build_image, disk_raw  # tests/boot is on sys.path (prepend import mode)
+from bootkit import REPO, build_image, disk_raw  # tests/boot is on sys.path (prepend import mode)
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.boot
 BOARDS = ["rpi4", "rock64"]
 

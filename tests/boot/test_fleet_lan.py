@@ -11,12 +11,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from bootkit import write_router_site  # tests/boot is on sys.path (prepend import mode)
+from bootkit import REPO, write_router_site  # tests/boot is on sys.path (prepend import mode)
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.boot
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,8 @@ from builder.fleet_check import CHECKS, FleetProbe
 from builder.s1_resolve import Repo
 from builder.site import load_site
 
-REPO = Path(__file__).resolve().parents[2]
-OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
+from bootkit import OUT, REPO  # tests/boot is on sys.path (prepend import mode)
+
 pytestmark = pytest.mark.boot
 SITE = "office"
 

@@ -23,8 +23,8 @@ from builder.fleet_check import CHECKS, FleetProbe
 from builder.s1_resolve import Repo
 from builder.site import load_site
 
-REPO = Path(__file__).resolve().parents[2]
-OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
+from bootkit import OUT, REPO  # tests/boot is on sys.path (prepend import mode)
+
 ARTIFACTS = os.environ.get("K3S_ARTIFACTS")
 SITE = "officek3s"
 pytestmark = [pytest.mark.boot, pytest.mark.skipif(not ARTIFACTS, reason="needs K3S_ARTIFACTS=dir (k3s air-gap files)")]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from builder import s2_rootfs
 from builder.cache import StageCache
