@@ -21,8 +21,11 @@ def probe_in_netns(netns: str, script: str, *args: str, timeout: float) -> str:
     a build step: a failure is an answer ("" or the script's output), never an exception."""
     import sys
 
-    r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script, *args],
-                       capture_output=True, text=True, timeout=timeout)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script, *args],
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return ""
     return r.stdout
 
 

@@ -291,13 +291,19 @@ class VM:
                          smp=self.smp, serial=serial, netboot=True)
         return argv
 
+    @property
+    def overlay(self) -> Path:
+        """The throwaway copy-on-write disk over the image, used when no persistent *disk* is given
+        (made on start when missing: removing it gives the next start a fresh root)."""
+        return self.workdir / "overlay.qcow2"
+
     def argv(self) -> list[str]:
         manifest = image_info(self.image)
         spec = qemu_spec_for(manifest)
         if manifest.get("bootloader") == "ipxe":
             argv = self.netboot_argv(manifest, spec)
             return ["ip", "netns", "exec", self.netns] + argv if self.netns else argv
-        disk = self.disk or self.workdir / "overlay.qcow2"
+        disk = self.disk or self.overlay
         base = self.base_disk(manifest)
         if not disk.exists():
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(base), "-b", base, disk,

@@ -249,7 +249,7 @@ def once_more_if_stalled(vm: VM, wait: Callable[[], float]) -> float:
                       f"{BOOT_TIMEOUT:.0f} s): booted once more; that console is in {kept}")
         vm.stop()
         if vm.disk is None:
-            (vm.workdir / "overlay.qcow2").unlink(missing_ok=True)
+            vm.overlay.unlink(missing_ok=True)
         vm.start()
         return wait()
 
