@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -367,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.after_dashes = after
     setup_logging(args.verbose)
+    # A SIGTERM (kill, a test harness, a CI timeout) unwinds like Ctrl-C: every `finally`
+    # runs, so no VM, temporary disk or half-written output is left behind.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         return args.func(args)
     except SohoError as exc:
@@ -378,6 +383,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sohocloud: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sohocloud: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler (a BaseException: no `except Exception` swallows it)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

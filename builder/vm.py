@@ -138,6 +138,13 @@ def qemu_spec_for(manifest: dict) -> QemuSpec:
     return target.arches[manifest["arch"]].qemu
 
 
+def make_overlay(base: Path, disk: Path, size: str | None = None) -> None:
+    """A copy-on-write qcow2 *disk* over *base* (grown to *size* if given)."""
+    # qemu-img resolves a relative backing file from the overlay's folder, not from ours.
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(base), "-b", base.resolve(), disk,
+         *([size] if size else [])])
+
+
 def disk_format(image: Path) -> str:
     return "qcow2" if image.name.endswith(".qcow2") else "raw"
 
@@ -306,8 +313,7 @@ class VM:
         disk = self.disk or self.overlay
         base = self.base_disk(manifest)
         if not disk.exists():
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(base), "-b", base, disk,
-                 *([self.disk_size] if self.disk_size else [])])
+            make_overlay(base, disk, self.disk_size)
         boot = uefi_vars = None
         if self.firmware == "direct":
             boot = extract_boot_files(base, manifest, self.workdir, spec.append)
@@ -356,6 +362,25 @@ class VM:
         if self.serial_log and self.serial_log.exists():
             return self.serial_log.read_text(errors="replace")
         return ""
+
+    def console_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.console().splitlines()[-lines:]) or "(nothing on the console)"
+
+    def panicked(self) -> bool:
+        """Its kernel panicked: this boot will not come up (QEMU keeps running)."""
+        return "Kernel panic - not syncing" in self.console()
+
+    def hiccup(self) -> str | None:
+        """What on the console shows the hypervisor, not the image, failed this boot (None: no sign)."""
+        console = self.console()
+        return next((m for m in HYPERVISOR_HICCUPS if m in console), None)
+
+
+# Console lines of a guest that TCG starved of timer interrupts on a loaded host: its CPUs
+# stall (RCU stall reports; seen a few times here, never twice in a row), or the kernel's
+# early timer check fails and it panics (no_timer_check in the targets' cmdline avoids that
+# one; still listed for images booted with another cmdline). Such a boot is worth repeating.
+HYPERVISOR_HICCUPS = ("detected stalls on CPUs", "IO-APIC + timer doesn't work")
 
 
 def wait_ssh_banner(host: str, port: int, timeout: float, *, netns: str | None = None,

@@ -241,7 +241,7 @@ def once_more_if_stalled(vm: VM, wait: Callable[[], float]) -> float:
     try:
         return wait()
     except SohoError:
-        if vm.serial_log is None or "detected stalls on CPUs" not in vm.console():
+        if vm.serial_log is None or not vm.hiccup():
             raise
         kept = vm.serial_log.with_suffix(".stalled.log")
         shutil.copyfile(vm.serial_log, kept)

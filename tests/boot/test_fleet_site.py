@@ -71,7 +71,8 @@ def office(tmp_path_factory, test_key):
     first = [n.name for n in site.nodes if n.name != manager]
     t0 = time.monotonic()
     r = cli("fleet", "up", str(site_file), "-o", str(OUT), *[a for n in first for a in ("--only", n)])
-    assert r.returncode == 0, r.stderr[-2000:] + "".join(console(n) for n in first)
+    # sohocloud's error (naming the node, with its console's end) last: CI shows a failure's tail.
+    assert r.returncode == 0, "".join(console(n) for n in first) + r.stderr[-3000:]
     probe = FleetProbe.open(site, repo, OUT, secrets / SITE, str(test_key))
     # The desktop image check (minutes of docker and podman unpacking under TCG on one node)
     # runs beside everything else from here on; test_desktop_image_loads_and_runs collects it.
@@ -103,7 +104,7 @@ def joined(office):
         time.sleep(5)
     assert "70-cluster: not yet" in log, f"{worker.name} never waited for the manager:\n{log[-2000:]}"
     r = cli("fleet", "up", str(office["file"]), "-o", str(OUT), "--only", office["manager"])
-    assert r.returncode == 0, r.stderr[-2000:] + console(office["manager"])
+    assert r.returncode == 0, console(office["manager"]) + r.stderr[-3000:]
     CHECKS["cluster"](probe)
     office["joined_s"] = time.monotonic() - office["t0"]
     return office
@@ -146,7 +147,7 @@ def restarted(joined):
     both = ("--only", nas.name, "--only", pc.name)
     assert cli("fleet", "down", f, "-o", str(OUT), *both).returncode == 0
     r = cli("fleet", "up", f, "-o", str(OUT), *both, "--reimage", nas.name)
-    assert r.returncode == 0, r.stderr[-2000:] + console(nas.name) + console(pc.name)
+    assert r.returncode == 0, console(nas.name) + console(pc.name) + r.stderr[-3000:]
     return {**joined, "nas": nas, "pc": pc, "pc_boot_id": boot_id}
 
 
