@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sohocloud: terminated", file=sys.stderr)
         return 143
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:  # None: the old handler was not set from Python (SIG_DFL then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class Terminated(BaseException):
@@ -396,6 +396,8 @@ class Terminated(BaseException):
 
 
 def _terminated(signum, frame) -> None:
+    # One unwinding is enough: a second SIGTERM must not cut the cleanup short (SIGKILL still ends us).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 

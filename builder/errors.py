@@ -7,3 +7,7 @@ class SohoError(Exception):
 
 class ConfigError(SohoError):
     pass
+
+
+class Aborted(SohoError):
+    """A wait given up because something else failed first (that failure is the one to report)."""

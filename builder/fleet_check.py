@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets as pysecrets
 import subprocess
 import tempfile
@@ -364,8 +365,14 @@ def check_backup_restore(probe: FleetProbe) -> None:
     expect(got == digest, f"restored sha256 {got}, backed up {digest}")
 
 
+# What systemd (PID 1) logs when a unit was never started because something it needs did not
+# come: such a unit is left inactive, not failed, so `systemctl --failed` does not show it.
+HELD_BACK_RE = re.compile(r"(?m)^(?:Dependency failed for .*|Timed out waiting for device .*)$")
+
+
 def check_units(probe: FleetProbe) -> None:
-    """No failed unit on any node, and every node finished its first boot (both phases)."""
+    """No failed unit on any node, none held back by a missing dependency or a device that came too
+    late, and every node finished its first boot (both phases)."""
     problems = []
     for n in probe.site.nodes:
         def settled(n=n) -> None:
@@ -374,6 +381,9 @@ def check_units(probe: FleetProbe) -> None:
             expect("online-phase-pending" not in out, f"{n.name}: online phase not finished")
             failed = [line.split()[0] for line in out.splitlines() if line.endswith("failed") or " failed " in line]
             expect(not failed, f"{n.name}: failed units {failed}")
+            pid1 = probe.ssh(n, "sudo journalctl -b -q --no-pager -o cat _PID=1").stdout
+            held = HELD_BACK_RE.findall(pid1)
+            expect(not held, f"{n.name}: held back at boot: {held[:5]}")
         try:
             retry(settled, 120)
         except CheckFailed as e:

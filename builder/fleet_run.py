@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SohoError
+from .errors import Aborted, SohoError
 from .netlab import Netns, probe_in_netns
 from .fleet_pxe import pxe_volume_path
 from .pipeline import artefact_path
@@ -32,7 +32,7 @@ from .cache import sha256_file
 from .proc import run
 from .s1_resolve import Repo, resolve
 from .site import Site, SiteNode
-from .vm import VM, Nic, image_info, wait_ssh_banner
+from .vm import VM, Nic, image_info, once_more_after_hiccup, wait_ssh_banner
 
 log = logging.getLogger("sohocloud.fleet")
 
@@ -254,49 +254,34 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
                 if abort.is_set():
                     return
 
-            def power_on() -> float:
+            def power_on() -> None:
                 vm.start()
                 with lock:  # boots run in threads; one writer of the state file at a time
                     state["nodes"][node.name] = {"pid": vm.proc.pid, "address": node.address}
                     _write_state(paths, state)
+
+            def wait_ssh() -> float:
                 try:  # a panicked kernel ends the wait at once
                     return wait_ssh_banner(node.address, 22, BOOT_TIMEOUT, netns=ns.name,
                                            alive=lambda: vm.alive() and not vm.panicked() and not abort.is_set())
                 except SohoError as exc:
+                    if abort.is_set():
+                        raise Aborted(f"node {node.name}: not waited for (another node failed)") from None
                     why = "its kernel panicked" if vm.panicked() else str(exc)
-                    raise SohoError(f"node {node.name} ({node.role}): {why}; the end of its console "
-                                    f"({vm.serial_log}):\n{vm.console_tail()}") from None
+                    raise SohoError(f"node {node.name} ({node.role}): {why}; {vm.console_report()}") from None
 
-            try:
-                times[node.name] = power_on()
-            except SohoError:
-                hiccup = vm.hiccup()
-                if not hiccup or abort.is_set():
-                    raise
-                # The hypervisor failed this boot, not the image: power-cycle the node once (its
-                # disk stays, as after a power cut; firstboot picks up where it was). A second
-                # failure is final.
-                kept = vm.serial_log.with_suffix(".hiccup.log")
-                shutil.copyfile(vm.serial_log, kept)
-                log.warning("fleet %s: %s: %r on its console (the hypervisor starved it; console kept in "
-                            "%s): powering it on once more", site.name, node.name, hiccup, kept)
-                vm.stop()
-                times[node.name] = power_on()
+            power_on()
+            # A node the hypervisor starved is powered on once more; its disk stays, as after a
+            # power cut (firstboot picks up where it was).
+            times[node.name] = once_more_after_hiccup(
+                vm, wait_ssh, start=power_on, warn=lambda msg: log.warning("fleet %s: %s", site.name, msg))
             log.info("fleet %s: %s (%s) answers SSH after %.1f s", site.name, node.name, node.role,
                      times[node.name])
 
         # The gateway first: DHCP, DNS and the way out for everyone else.
         if site.gateway in vms:
             boot(site.node(site.gateway))
-        others = [n for n in nodes if n.name != site.gateway]
-        with ThreadPoolExecutor(max(1, len(others))) as pool:
-            futures = [pool.submit(boot, n) for n in others]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException:
-                abort.set()  # leaving the pool waits for every boot thread: make them quick
-                raise
+        boot_in_parallel(boot, [n for n in nodes if n.name != site.gateway], abort)
         running = {name for name, n in state["nodes"].items() if _alive(n["pid"])}
         if running >= {n.name for n in site.nodes}:
             wait_settled(site, paths, BOOT_TIMEOUT * 2)
@@ -315,6 +300,28 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
             ns.delete()
             paths.state.unlink(missing_ok=True)
         raise
+
+
+def boot_in_parallel(boot: Callable[[SiteNode], None], nodes: list[SiteNode], abort: threading.Event) -> None:
+    """boot() every node at once. The first failure sets *abort* (boot() then stops waiting
+    and raises Aborted) and is the one raised once every boot has returned."""
+    def boot_or_abort(node: SiteNode) -> None:
+        try:
+            boot(node)
+        except BaseException:
+            abort.set()
+            raise
+
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+        futures = [pool.submit(boot_or_abort, n) for n in nodes]
+        try:
+            wait(futures)
+        except BaseException:  # Ctrl-C, SIGTERM: leaving the pool waits for every boot, make them quick
+            abort.set()
+            raise
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    if failures:  # the node that failed, not one that stopped waiting because of it
+        raise next((e for e in failures if not isinstance(e, Aborted)), failures[0])
 
 
 # firstboot's online phase says one of these on the console when a node is settled.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -17,10 +18,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SohoError
+from .errors import Aborted, SohoError
 from .netlab import probe_in_netns
 from .proc import run
 from .s6_manifest import read_manifest
@@ -366,6 +368,18 @@ class VM:
     def console_tail(self, lines: int = 15) -> str:
         return "\n".join(self.console().splitlines()[-lines:]) or "(nothing on the console)"
 
+    def boot_failures(self, lines: int = 12) -> list[str]:
+        """systemd's FAILED / DEPEND / TIME status lines from the whole console (colours removed):
+        why a boot went wrong is often printed minutes before the end a tail shows."""
+        found = [m.group(0).strip() for m in SYSTEMD_FAILURE_RE.finditer(ANSI_RE.sub("", self.console()))]
+        return found[:lines]
+
+    def console_report(self) -> str:
+        """What a boot failure shows of the console: systemd's failures, then its end."""
+        failures = self.boot_failures()
+        head = "systemd on its console:\n" + "\n".join(failures) + "\n" if failures else ""
+        return f"{head}the end of its console ({self.serial_log}):\n{self.console_tail()}"
+
     def panicked(self) -> bool:
         """Its kernel panicked: this boot will not come up (QEMU keeps running)."""
         return "Kernel panic - not syncing" in self.console()
@@ -381,6 +395,35 @@ class VM:
 # early timer check fails and it panics (no_timer_check in the targets' cmdline avoids that
 # one; still listed for images booted with another cmdline). Such a boot is worth repeating.
 HYPERVISOR_HICCUPS = ("detected stalls on CPUs", "IO-APIC + timer doesn't work")
+
+def once_more_after_hiccup(vm: VM, wait: Callable[[], float], *, start: Callable[[], None] | None = None,
+                           warn: Callable[[str], None]) -> float:
+    """wait() for the started *vm*'s boot. If that fails and its console shows the hypervisor,
+    not the image, failed the boot (HYPERVISOR_HICCUPS), power it on once more (start(), default
+    vm.start; from a fresh overlay unless it has a disk of its own, which stays as after a power
+    cut) and wait() again: a second failure is final. The first console is kept beside it."""
+    try:
+        return wait()
+    except Aborted:
+        raise
+    except SohoError:
+        hiccup = vm.hiccup()
+        if not hiccup or vm.serial_log is None:
+            raise
+        kept = vm.serial_log.with_suffix(".hiccup.log")
+        shutil.copyfile(vm.serial_log, kept)
+        warn(f"{vm.serial_log.name}: {hiccup!r} on the console (the hypervisor starved the guest; that "
+             f"console is kept in {kept}): powering it on once more")
+        vm.stop()
+        if vm.disk is None:
+            vm.overlay.unlink(missing_ok=True)
+        (start or vm.start)()
+        return wait()
+
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+# systemd's status column on the console (systemd.show_status=error prints only these).
+SYSTEMD_FAILURE_RE = re.compile(r"(?m)^\[\s*(?:FAILED|DEPEND|TIME)\s*\].*$")
 
 
 def wait_ssh_banner(host: str, port: int, timeout: float, *, netns: str | None = None,

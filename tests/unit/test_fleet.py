@@ -134,3 +134,53 @@ def test_build_lanes_one_arch_builds_in_order_in_this_thread() -> None:
     build_lanes("office", [_cfg("a", HOST_ARCH), _cfg("b", HOST_ARCH)],
                 lambda cfg: seen.append((threading.current_thread() is threading.main_thread(), cfg.slug)))
     assert seen == [(True, "a"), (True, "b")]
+
+
+def _boots(behaviour: dict[str, float | str]):
+    """A fake boot(): a node named in *behaviour* 'fails' at once, or waits its seconds (stopping,
+    as the real one does, with Aborted once abort is set)."""
+    import threading
+    import time as _time
+
+    from builder.errors import SohoError
+    from builder.fleet_run import Aborted
+
+    abort = threading.Event()
+    waited: dict[str, str] = {}
+
+    def boot(node) -> None:
+        what = behaviour[node.name]
+        if what == "fails":
+            _time.sleep(0.05)
+            raise SohoError(f"node {node.name}: no SSH banner")
+        deadline = _time.monotonic() + float(what)
+        while _time.monotonic() < deadline:
+            if abort.is_set():
+                waited[node.name] = "aborted"
+                raise Aborted(f"node {node.name}: not waited for")
+            _time.sleep(0.01)
+        waited[node.name] = "booted"
+
+    return boot, abort, waited
+
+
+def test_a_failed_boot_stops_the_others_and_is_the_error_raised() -> None:
+    """Any node's failure (not only the first listed one's) ends the others' waits, and the error
+    names the failed node, not one that stopped waiting because of it."""
+    import time as _time
+    from types import SimpleNamespace
+
+    from builder.errors import SohoError
+    from builder.fleet_run import boot_in_parallel
+
+    nodes = [SimpleNamespace(name=n) for n in ("ws1", "nas", "pc1")]
+    boot, abort, waited = _boots({"ws1": 30, "nas": "fails", "pc1": 30})
+    t0 = _time.monotonic()
+    with pytest.raises(SohoError, match="node nas: no SSH banner"):
+        boot_in_parallel(boot, nodes, abort)
+    assert _time.monotonic() - t0 < 5
+    assert waited == {"ws1": "aborted", "pc1": "aborted"}
+
+    boot, abort, waited = _boots({"ws1": 0.1, "nas": 0.2, "pc1": 0})
+    boot_in_parallel(boot, nodes, abort)
+    assert waited == {"ws1": "booted", "nas": "booted", "pc1": "booted"} and not abort.is_set()

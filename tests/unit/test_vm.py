@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from builder.vm import VM, make_overlay
 
 
@@ -46,3 +48,61 @@ def test_console_tail_is_the_last_lines(tmp_path: Path) -> None:
     vm = _vm_with_console(tmp_path, "".join(f"line {i}\n" for i in range(40)))
     assert vm.console_tail(3) == "line 37\nline 38\nline 39"
     assert _vm_with_console(tmp_path, "").console_tail() == "(nothing on the console)"
+
+
+def test_a_boot_failure_report_leads_with_systemds_failures(tmp_path: Path) -> None:
+    """The console CI showed of the NAS held only its last minutes; the reason (a device that came
+    too late for systemd) was printed long before."""
+    console = ("[    2.1] EXT4-fs (vda2): mounted filesystem\n"
+               "[\x1b[0;1;31m TIME \x1b[0m] Timed out waiting for device \x1b[0;1;39m/sys/subsystem/net/devices/lan\x1b[0m.\n"
+               "[\x1b[0;1;38;5;185mDEPEND\x1b[0m] Dependency failed for \x1b[0;1;39mOpenSSH on the lan interface\x1b[0m.\n"
+               + "".join(f"[  {i}.0] sohocloud-firstboot: online hook: not yet\n" for i in range(100, 140)))
+    vm = _vm_with_console(tmp_path, console)
+    assert vm.boot_failures() == ["[ TIME ] Timed out waiting for device /sys/subsystem/net/devices/lan.",
+                                  "[DEPEND] Dependency failed for OpenSSH on the lan interface."]
+    report = vm.console_report()
+    assert report.startswith("systemd on its console:\n[ TIME ] Timed out")
+    assert report.endswith("[  139.0] sohocloud-firstboot: online hook: not yet")
+    assert _vm_with_console(tmp_path, "nas login: \n").console_report().startswith("the end of its console")
+
+
+def test_a_starved_boot_is_powered_on_once_more_a_broken_one_is_not(tmp_path: Path) -> None:
+    from builder.errors import Aborted, SohoError
+    from builder.vm import once_more_after_hiccup
+
+    class FakeVM(VM):
+        starts = stops = 0
+
+        def start(self) -> None:
+            self.starts += 1
+
+        def stop(self) -> None:
+            self.stops += 1
+
+    def waits(*outcomes):
+        it = iter(outcomes)
+
+        def wait() -> float:
+            o = next(it)
+            if isinstance(o, Exception):
+                raise o
+            return o
+        return wait
+
+    stall = "[   22.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+    log = tmp_path / "node.console.log"
+    log.write_text(stall)
+    warned: list[str] = []
+    vm = FakeVM(tmp_path / "node.qcow2", [], serial_log=log, workdir=tmp_path)
+    vm.overlay.write_bytes(b"old root")
+    assert once_more_after_hiccup(vm, waits(SohoError("no SSH"), 42.0), warn=warned.append) == 42.0
+    assert (vm.starts, vm.stops) == (1, 1) and not vm.overlay.exists()  # a fresh root the second time
+    assert (tmp_path / "node.console.hiccup.log").read_text() == stall and "powering it on once more" in warned[0]
+    with pytest.raises(SohoError, match="still no SSH"):  # a second failure is final
+        once_more_after_hiccup(vm, waits(SohoError("no SSH"), SohoError("still no SSH")), warn=warned.append)
+    with pytest.raises(Aborted):  # given up because another node failed: not retried
+        once_more_after_hiccup(vm, waits(Aborted("not waited for")), warn=warned.append)
+    log.write_text("[    3.2] Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+    with pytest.raises(SohoError, match="no SSH"):  # the image's fault: not retried
+        once_more_after_hiccup(vm, waits(SohoError("no SSH")), warn=warned.append)
+    assert vm.starts == 2 and len(warned) == 2
