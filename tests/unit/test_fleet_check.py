@@ -1,0 +1,79 @@
+"""Tier 1: the port scan of `fleet test` (builder/fleet_check.py) against real sockets.
+
+It runs in a throwaway network namespace with only loopback and a few listeners, so
+what it reports is exactly what this test opened (nothing else of the host is in there).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from builder.fleet_check import CheckFailed, scan_ports
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ip netns)")
+
+
+@dataclass
+class NetnsProbe:
+    """The one FleetProbe method scan_ports uses."""
+    netns: str
+
+    def in_netns(self, argv, **kw):
+        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def netns():
+    name = f"sc-unit-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+LISTENER = """
+import socket, sys
+socks = []
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.bind(("127.0.0.2", port))
+    s.listen(64)
+    socks.append(s)
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def listen_in(netns: str, ports: list[int]) -> subprocess.Popen:
+    """A process inside *netns* listening on *ports* until its stdin is closed."""
+    p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", LISTENER, *map(str, ports)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "ready\n"
+    return p
+
+
+def test_scan_finds_exactly_the_listening_ports_at_each_end_of_the_range(netns):
+    ports = [1, 22, 4001, 8000, 8001, 65535]  # batch edges included
+    listener = listen_in(netns, ports)
+    try:
+        # Not 127.0.0.1, the source address: a connect from it to itself on an ephemeral port
+        # can meet itself (TCP simultaneous open), which no remote node can do.
+        seen = scan_ports(NetnsProbe(netns), ["127.0.0.2", "127.0.0.3"], timeout=300)
+    finally:
+        listener.stdin.close()
+        listener.wait(timeout=30)
+    assert seen["127.0.0.2"] == ports
+    assert seen["127.0.0.3"] == []  # bound to .2 only: .3 refuses every port
+
+
+def test_scan_that_cannot_run_is_a_failed_check_not_an_empty_answer(netns):
+    with pytest.raises(CheckFailed, match="port scan failed"):
+        scan_ports(NetnsProbe(netns), ["not-an-address"], timeout=60)
