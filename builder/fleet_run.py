@@ -32,7 +32,7 @@ from .cache import sha256_file
 from .proc import run
 from .s1_resolve import Repo, resolve
 from .site import Site, SiteNode
-from .vm import VM, Nic, image_info, once_more_after_hiccup, wait_ssh_banner
+from .vm import VM, Nic, console_report, image_info, once_more_after_hiccup, wait_ssh_banner
 
 log = logging.getLogger("sohocloud.fleet")
 
@@ -338,20 +338,25 @@ def boot_in_parallel(boot: Callable[[SiteNode], None], nodes: list[SiteNode], ab
 SETTLED = ("sohocloud-firstboot: done (online phase)", "(both phases)")
 
 
+def _console_text(paths: FleetPaths, name: str) -> str:
+    console = paths.run / f"{name}.console.log"
+    return console.read_text(errors="replace") if console.exists() else ""
+
+
 def wait_settled(site: Site, paths: FleetPaths, timeout: float) -> None:
     """Until every node finished its online phase (joined the cluster, ...), read from the consoles."""
     deadline = time.monotonic() + timeout
     pending = {n.name for n in site.nodes}
     while pending:
         for name in sorted(pending):
-            console = paths.run / f"{name}.console.log"
-            text = console.read_text(errors="replace") if console.exists() else ""
-            if any(marker in text for marker in SETTLED):
+            if any(marker in _console_text(paths, name) for marker in SETTLED):
                 log.info("fleet %s: %s settled (first boot complete)", site.name, name)
                 pending.discard(name)
         if pending and time.monotonic() > deadline:
+            reports = "".join(f"\n{name}: " + console_report(_console_text(paths, name), paths.run / f"{name}.console.log")
+                              for name in sorted(pending))
             raise SohoError(f"fleet {site.name}: {', '.join(sorted(pending))} did not finish first boot within "
-                            f"{timeout:.0f} s (console logs in {paths.run})")
+                            f"{timeout:.0f} s{reports}")
         if pending:
             time.sleep(2)
 

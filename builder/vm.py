@@ -369,16 +369,10 @@ class VM:
         return "\n".join(self.console().splitlines()[-lines:]) or "(nothing on the console)"
 
     def boot_failures(self, lines: int = 12) -> list[str]:
-        """systemd's FAILED / DEPEND / TIME status lines from the whole console (colours removed):
-        why a boot went wrong is often printed minutes before the end a tail shows."""
-        found = [m.group(0).strip() for m in SYSTEMD_FAILURE_RE.finditer(ANSI_RE.sub("", self.console()))]
-        return found[:lines]
+        return systemd_failures(self.console(), lines)
 
     def console_report(self) -> str:
-        """What a boot failure shows of the console: systemd's failures, then its end."""
-        failures = self.boot_failures()
-        head = "systemd on its console:\n" + "\n".join(failures) + "\n" if failures else ""
-        return f"{head}the end of its console ({self.serial_log}):\n{self.console_tail()}"
+        return console_report(self.console(), self.serial_log)
 
     def panicked(self) -> bool:
         """Its kernel panicked: this boot will not come up (QEMU keeps running)."""
@@ -424,6 +418,20 @@ def once_more_after_hiccup(vm: VM, wait: Callable[[], float], *, start: Callable
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 # systemd's status column on the console (systemd.show_status=error prints only these).
 SYSTEMD_FAILURE_RE = re.compile(r"(?m)^\[\s*(?:FAILED|DEPEND|TIME)\s*\].*$")
+
+
+def systemd_failures(console: str, lines: int = 12) -> list[str]:
+    """systemd's FAILED / DEPEND / TIME status lines from a whole console (colours removed):
+    why a boot went wrong is often printed minutes before the end a tail shows."""
+    return [m.group(0).strip() for m in SYSTEMD_FAILURE_RE.finditer(ANSI_RE.sub("", console))][:lines]
+
+
+def console_report(console: str, where: Path | str | None, tail: int = 15) -> str:
+    """What a boot failure shows of a console: systemd's failures, then its end."""
+    failures = systemd_failures(console)
+    head = "systemd on its console:\n" + "\n".join(failures) + "\n" if failures else ""
+    end = "\n".join(console.splitlines()[-tail:]) or "(nothing on the console)"
+    return f"{head}the end of its console ({where}):\n{end}"
 
 
 def wait_ssh_banner(host: str, port: int, timeout: float, *, netns: str | None = None,

@@ -192,3 +192,23 @@ def test_vcpus_per_node_two_only_while_every_vcpu_has_a_core():
     assert vcpus_per_node(1, 2) == 2
     assert vcpus_per_node(6, 12) == 2
     assert vcpus_per_node(6, 11) == 1
+
+
+def test_wait_settled_names_the_late_node_with_its_consoles_failures(site, tmp_path):
+    from builder.errors import SohoError
+    from builder.fleet_run import FleetPaths, wait_settled
+
+    paths = FleetPaths(tmp_path, site.name)
+    paths.run.mkdir(parents=True)
+    for n in site.nodes:
+        (paths.run / f"{n.name}.console.log").write_text("sohocloud-firstboot: done (online phase)\n")
+    late = site.nodes[-1].name
+    (paths.run / f"{late}.console.log").write_text(
+        "\x1b[0;1;31m[FAILED]\x1b[0m Failed to start sssd.service - System Security Services Daemon.\n"
+        "sohocloud-online: 70-cluster: not yet\n")
+    with pytest.raises(SohoError) as e:
+        wait_settled(site, paths, timeout=0)
+    msg = str(e.value)
+    assert msg.startswith(f"fleet {site.name}: {late} did not finish first boot within 0 s")
+    assert "[FAILED] Failed to start sssd.service" in msg and "70-cluster: not yet" in msg
+    assert msg.count("the end of its console") == 1  # only the late node's
