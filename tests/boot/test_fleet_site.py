@@ -114,7 +114,11 @@ def test_worker_booted_before_manager_joined_later(joined):
     probe, site = joined["probe"], joined["site"]
     worker = next(n for n in site.nodes if n.role == "workstation-host")
     log = probe.ssh(worker, "sudo journalctl -b -u sohocloud-online --no-pager").stdout
-    assert "70-cluster: not yet" in log and "joined the swarm" in log
+    waited = log.find("70-cluster: not yet")
+    # In the swarm after waiting: joined by this try, or by a join docker finished in the
+    # background after an earlier try (the next try then finds it in: "already in the swarm").
+    joined_at = max(log.rfind("joined the swarm"), log.rfind("already in the swarm"))
+    assert 0 <= waited < joined_at, log[-3000:]
 
 
 @pytest.mark.parametrize("check", [c for c in CHECKS if c not in ("cluster", "desktop-image")])
@@ -133,24 +137,32 @@ def test_secrets_stay_out_of_images_manifests_and_logs(joined):
         assert not any(v in t for t in texts)
 
 
+# The NAS re-image is a whole first boot of the NAS again: on the example site's emulated arm64
+# NAS that is 10-20 min of a two-core machine, more than make test's budget has left. make test-all
+# sets this (its all-arm64 site re-images the NAS); make test power-cycles the diskless PC only.
+REIMAGE = os.environ.get("SOHOCLOUD_FLEET_REIMAGE") == "1"
+
+
 @pytest.fixture(scope="module")
 def restarted(joined):
-    """The NAS re-imaged (a fresh root, its old data disk) and a diskless PC power-cycled, both
-    in one `fleet up`: each is checked by its own test below."""
+    """A diskless PC power-cycled and (make test-all) the NAS re-imaged (a fresh root, its old
+    data disk), both in one `fleet up`: each is checked by its own test below."""
     probe, site, f = joined["probe"], joined["site"], str(joined["file"])
     nas = next(n for n in site.nodes if n.role == "storage")
     pc = _netboot_nodes(joined)[0]
-    probe.ssh(nas, "echo kept-across-reimage | sudo tee /srv/nas/shared/reimage-check.txt >/dev/null && sync")
+    if REIMAGE:
+        probe.ssh(nas, "echo kept-across-reimage | sudo tee /srv/nas/shared/reimage-check.txt >/dev/null && sync")
     probe.ssh(pc, "echo first-boot | sudo tee /etc/netboot-mark /var/tmp/netboot-mark >/dev/null && "
                   "echo x > ~/netboot-mark")
     boot_id = probe.ssh(pc, "cat /proc/sys/kernel/random/boot_id").stdout
-    both = ("--only", nas.name, "--only", pc.name)
-    assert cli("fleet", "down", f, "-o", str(OUT), *both).returncode == 0
-    r = cli("fleet", "up", f, "-o", str(OUT), *both, "--reimage", nas.name)
-    assert r.returncode == 0, console(nas.name) + console(pc.name) + r.stderr[-3000:]
+    nodes = ("--only", nas.name, "--only", pc.name) if REIMAGE else ("--only", pc.name)
+    assert cli("fleet", "down", f, "-o", str(OUT), *nodes).returncode == 0
+    r = cli("fleet", "up", f, "-o", str(OUT), *nodes, *(("--reimage", nas.name) if REIMAGE else ()))
+    assert r.returncode == 0, (console(nas.name) if REIMAGE else "") + console(pc.name) + r.stderr[-3000:]
     return {**joined, "nas": nas, "pc": pc, "pc_boot_id": boot_id}
 
 
+@pytest.mark.skipif(not REIMAGE, reason="make test-all (SOHOCLOUD_FLEET_REIMAGE=1): a whole emulated NAS first boot")
 def test_storage_reimaged_keeps_its_data(restarted):
     """A fresh root on the NAS (re-install) finds its data disk and never formats it."""
     probe, nas = restarted["probe"], restarted["nas"]

@@ -7,6 +7,7 @@ seed blocks builder/fleet.py makes for sites/example.yaml.
 
 from __future__ import annotations
 
+import configparser
 import copy
 import json
 import os
@@ -164,6 +165,11 @@ def test_ldap_client_sssd_conf(tmp_path, seed):
                  f"ldap_default_authtok = {block['ldap']['bind_password']}", "ldap_tls_reqcert = demand",
                  "ldap_tls_cacert = /etc/sohocloud/tls/ca.crt"):
         assert line in lines
+    # Every sssd process gets a 60 s heartbeat (default 10 s: on a starved guest they were killed).
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read_string(conf.read_text())
+    assert {s: ini[s].get("timeout") for s in ini.sections()} == {
+        s: "60" for s in ("sssd", "nss", "pam", "ssh", "domain/site")}
     ldap_conf = (root / "etc/ldap/ldap.conf").read_text().splitlines()
     assert "URI ldaps://control.example.lan" in ldap_conf and "BASE dc=example,dc=lan" in ldap_conf
 
