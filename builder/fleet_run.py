@@ -150,14 +150,6 @@ def netboot_memory(manifest: dict) -> int:
     return (manifest["sizes"]["squashfs_bytes"] >> 20) + 1536
 
 
-def vcpus_per_node(nodes: int, cores: int) -> int:
-    """vCPUs for each of a site's *nodes* VMs on a host with *cores*: 2 while every vCPU can have
-    a core, else 1. Under TCG each vCPU is a host thread; with more vCPUs than cores a guest's
-    vCPU waits for its descheduled sibling (IPIs, RCU) and its boot stalls, where one vCPU just
-    runs slower."""
-    return 2 if cores >= 2 * nodes else 1
-
-
 def pxe_volume_overlay(paths: FleetPaths, node: SiteNode, volume: Path) -> tuple[Path, str]:
     """The PXE server's copy of the site's PXE volume: a fresh overlay on each `fleet up` (what
     a test changes on it is gone at the next one; a new `fleet build` is served as built)."""
@@ -206,7 +198,6 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
         ns.ip("addr", "add", seat_address(site), "dev", ns.bridge)
         state = {"netns": ns.name, "nodes": {}}
     vms: dict[str, VM] = {}
-    smp = vcpus_per_node(len(site.nodes), os.cpu_count() or 1)
     try:
         for node in nodes:
             manifest = image_info(images[node.name])
@@ -221,7 +212,7 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
                 subprocess.run(["ssh-keygen", "-R", node.address, "-f", str(paths.run / "known_hosts")],
                                capture_output=True)
                 vms[node.name] = VM(images[node.name], nics, firmware=node.firmware, netns=ns.name,
-                                    memory=max(memory, netboot_memory(manifest)), smp=smp,
+                                    memory=max(memory, netboot_memory(manifest)),
                                     serial_log=paths.run / f"{node.name}.console.log",
                                     workdir=paths.run / f"{node.name}.vm")
                 vms[node.name].workdir.mkdir(exist_ok=True)
@@ -247,7 +238,7 @@ def fleet_up(site: Site, repo: Repo, out: Path, *, memory: int = 1024, reimage: 
                                capture_output=True)
             stamp.write_text(built)
             vms[node.name] = VM(images[node.name], nics, seed=paths.seed(node.name), netns=ns.name, memory=memory,
-                                smp=smp, serial_log=paths.run / f"{node.name}.console.log", disk=disk,
+                                serial_log=paths.run / f"{node.name}.console.log", disk=disk,
                                 extra_disks=extra, workdir=paths.run / f"{node.name}.vm")
             vms[node.name].workdir.mkdir(exist_ok=True)
         times: dict[str, float] = {}

@@ -186,14 +186,6 @@ def test_a_failed_boot_stops_the_others_and_is_the_error_raised() -> None:
     assert waited == {"ws1": "booted", "nas": "booted", "pc1": "booted"} and not abort.is_set()
 
 
-def test_vcpus_per_node_two_only_while_every_vcpu_has_a_core():
-    from builder.fleet_run import vcpus_per_node
-    assert vcpus_per_node(6, 2) == 1  # the example site on this 2-core machine
-    assert vcpus_per_node(1, 2) == 2
-    assert vcpus_per_node(6, 12) == 2
-    assert vcpus_per_node(6, 11) == 1
-
-
 def test_wait_settled_names_the_late_node_with_its_consoles_failures(site, tmp_path):
     from builder.errors import SohoError
     from builder.fleet_run import FleetPaths, wait_settled
