@@ -37,6 +37,16 @@ from bootkit import ARTIFACTS, BOOT_TIMEOUT, REPO, build_image, free_port  # tes
 pytestmark = pytest.mark.boot
 
 
+def pytest_configure(config):
+    """SIGTERM (CI's time limit, a `kill`) unwinds like Ctrl-C, so pytest tears the fixtures
+    down (VMs stopped, namespaces removed) instead of dying with a fleet still running."""
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one does not cut the cleanup
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 class CliBoot:
     """`sohocloud boot` run as a user would, console captured to a file."""
 
