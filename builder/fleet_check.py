@@ -228,6 +228,11 @@ def check_journals(probe: FleetProbe) -> None:
     retry(arrived, 180)
 
 
+# Seconds for each copy/load of the desktop OCI image (~130 MB) on a workstation host: `docker
+# load` alone took over 600 s on a TCG guest beside five other VMs on two cores (make test).
+DESKTOP_LOAD_TIMEOUT = 1800
+
+
 def check_desktop_image(probe: FleetProbe) -> None:
     """The desktop OCI image loads into docker and podman on a workstation host and runs a command."""
     ws = next((n for n in probe.site.nodes if probe.profile(n).images), None)
@@ -236,12 +241,12 @@ def check_desktop_image(probe: FleetProbe) -> None:
     image = artefact_path(resolve(probe.repo, ref.role, target=ref.target, arch=ws.arch), probe.out)
     expect(image.is_file(), f"no {image} (fleet build makes it)")
     tag = image_info(image)["image_ref"]
-    probe.ssh(ws, "cat > /var/tmp/desktop-oci.tar", stdin=image.read_bytes(), timeout=600)
-    probe.ssh(ws, "sudo docker load -i /var/tmp/desktop-oci.tar", timeout=600)
+    probe.ssh(ws, "cat > /var/tmp/desktop-oci.tar", stdin=image.read_bytes(), timeout=DESKTOP_LOAD_TIMEOUT)
+    probe.ssh(ws, "sudo docker load -i /var/tmp/desktop-oci.tar", timeout=DESKTOP_LOAD_TIMEOUT)
     out = probe.ssh(ws, f"sudo docker run --rm --network none {tag} sh -c 'command -v Xvnc && "
                         "cat /etc/debian_version'").stdout
     expect("/usr/bin/Xvnc" in out, f"docker run: {out!r}")
-    probe.ssh(ws, "sudo podman load -i /var/tmp/desktop-oci.tar && rm -f /var/tmp/desktop-oci.tar", timeout=600)
+    probe.ssh(ws, "sudo podman load -i /var/tmp/desktop-oci.tar && rm -f /var/tmp/desktop-oci.tar", timeout=DESKTOP_LOAD_TIMEOUT)
     out = probe.ssh(ws, f"sudo podman run --rm --network none {tag} sh -c 'command -v openbox'").stdout
     expect("/usr/bin/openbox" in out, f"podman run: {out!r}")
 
