@@ -244,10 +244,10 @@ def check_desktop_image(probe: FleetProbe) -> None:
     probe.ssh(ws, "cat > /var/tmp/desktop-oci.tar", stdin=image.read_bytes(), timeout=DESKTOP_LOAD_TIMEOUT)
     probe.ssh(ws, "sudo docker load -i /var/tmp/desktop-oci.tar", timeout=DESKTOP_LOAD_TIMEOUT)
     out = probe.ssh(ws, f"sudo docker run --rm --network none {tag} sh -c 'command -v Xvnc && "
-                        "cat /etc/debian_version'").stdout
+                        "cat /etc/debian_version'", timeout=600).stdout
     expect("/usr/bin/Xvnc" in out, f"docker run: {out!r}")
     probe.ssh(ws, "sudo podman load -i /var/tmp/desktop-oci.tar && rm -f /var/tmp/desktop-oci.tar", timeout=DESKTOP_LOAD_TIMEOUT)
-    out = probe.ssh(ws, f"sudo podman run --rm --network none {tag} sh -c 'command -v openbox'").stdout
+    out = probe.ssh(ws, f"sudo podman run --rm --network none {tag} sh -c 'command -v openbox'", timeout=600).stdout
     expect("/usr/bin/openbox" in out, f"podman run: {out!r}")
 
 

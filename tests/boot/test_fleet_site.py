@@ -194,7 +194,7 @@ def test_netboot_second_boot_starts_clean(restarted):
 def test_desktop_image_loads_and_runs(joined):
     """The desktop OCI image loads into docker and podman on a workstation host and runs a
     command (started in the background when the first nodes were up)."""
-    joined["desktop"].result(timeout=3600)  # three loads of up to 1800 s each, begun long before
+    joined["desktop"].result(timeout=3600)  # a copy and two loads of up to 1800 s each, begun long before
 
 
 def test_netboot_refuses_a_corrupt_squashfs(joined):
