@@ -60,6 +60,9 @@ def run(
     if not capture and proc.stdout:
         for line in proc.stdout.splitlines()[-50:]:
             log.debug("  %s", line)
+    if log.isEnabledFor(logging.DEBUG) and proc.returncode == 0 and proc.stderr:
+        for line in proc.stderr.splitlines()[-50:]:  # notes such as the native helpers' "stays emulated"
+            log.debug("  stderr: %s", line)
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr or proc.stdout or "")
     return proc

@@ -9,8 +9,9 @@ Debian: one mmdebstrap run.  What keeps it fast:
   depend on the target: an arm64 role's tree serves qemu, rpi4 and rock64;
 - foreign arch (qemu-user): dpkg's hot helpers run as native code during the
   install (builder/native/: dpkg-deb's decompression, dpkg-split's probe, rm,
-  basename via a static busybox of the host's arch; the host's perl for the
-  maintainer scripts' Perl when it is the image's version), and two pure wastes
+  basename via a static busybox of the host's arch; the host's dash as /bin/sh
+  and the host's perl for the maintainer scripts when they are the image's
+  versions), and two pure wastes
   are skipped (host keys the image never keeps; byte-compiling, which
   _compile_python_in_tar does natively afterwards). They live in
   /.sohocloud-native for the install only and are gone before the tree is packed;
@@ -124,11 +125,12 @@ def _native_helper_opts(helpers: Path) -> list[str]:
     src = shlex.quote(str(helpers))
     links = " ".join(f'ln -s busybox "$1{NATIVE_DIR}/{a}";' for a in NATIVE_APPLETS)
     return [
-        f'--extract-hook=mkdir -p "$1{NATIVE_DIR}" && cp -a {src}/. "$1{NATIVE_DIR}/" && {links} true',
+        f'--extract-hook=mkdir -p "$1{NATIVE_DIR}" && cp -a {src}/. "$1{NATIVE_DIR}/" && {links} '
+        f'sh {src}/sh-shadow.sh "$1" && sh {src}/perl-shadow.sh "$1"',
         f'--aptopt=DPkg::Path "{NATIVE_DIR}:/usr/sbin:/usr/bin:/sbin:/bin"',
-        f'--essential-hook=sh {src}/perl-shadow.sh "$1" && sh {src}/stdlib-compile-divert.sh "$1"',
+        f'--essential-hook=sh {src}/stdlib-compile-divert.sh "$1"',
         f'--customize-hook=sh {src}/perl-shadow-undo.sh "$1" && sh {src}/stdlib-compile-undo.sh "$1" '
-        f'&& rm -rf "$1{NATIVE_DIR}"',
+        f'&& sh {src}/sh-shadow-undo.sh "$1" && rm -rf "$1{NATIVE_DIR}"',
     ]
 
 

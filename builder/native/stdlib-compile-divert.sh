@@ -9,7 +9,8 @@
 # other use runs the real interpreter. stdlib-compile-undo.sh removes both again.
 set -eu
 r="$1"
-chroot "$r" dpkg-divert --quiet --local --rename --divert /usr/bin/python3.11.sohocloud --add /usr/bin/python3.11
+. "$(dirname "$0")/divert.sh"
+divert_in /usr/bin/python3.11
 cat > "$r/usr/bin/python3.11" <<'WRAP'
 #!/.sohocloud-native/busybox sh
 # sohocloud build-time wrapper (builder/native/stdlib-compile-divert.sh)

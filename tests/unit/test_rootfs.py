@@ -75,3 +75,38 @@ def test_compile_leaves_a_tree_without_python_alone(tmp_path):
     data = tar.read_bytes()
     s2_rootfs._compile_python_in_tar(tar, StageCache(tmp_path / "cache"))
     assert tar.read_bytes() == data
+
+
+NATIVE = Path(s2_rootfs.__file__).parent / "native"
+
+
+def _fake_deb(archives: Path, package: str, version: str) -> None:
+    """A minimal .deb of `package` at `version` in the tree's apt archives."""
+    src = archives.parent / f"src-{package}"
+    (src / "DEBIAN").mkdir(parents=True)
+    (src / "DEBIAN/control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: arm64\nMaintainer: t <t@t>\nDescription: t\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", src, archives / f"{package}_{version}_arm64.deb"],
+                   check=True, capture_output=True)
+
+
+def test_shadow_hooks_leave_the_tree_emulated_when_host_and_image_versions_differ(tmp_path):
+    # The host's dash or perl is used only for the very same upstream version; any other
+    # version (or no .deb at all) must leave the tree's own interpreter in place, untouched.
+    tree = tmp_path / "tree"
+    archives = tree / "var/cache/apt/archives"
+    archives.mkdir(parents=True)
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/dash").write_bytes(b"tree dash")
+    (tree / "usr/bin/perl").write_bytes(b"tree perl")
+    _fake_deb(archives, "dash", "0.0.1-1")
+    _fake_deb(archives, "perl-base", "0.0.1-1")
+    for hook, name in (("sh-shadow.sh", "dash"), ("perl-shadow.sh", "perl")):
+        proc = subprocess.run(["sh", NATIVE / hook, tree], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{name} stays emulated" in proc.stderr and "tree 0.0.1" in proc.stderr
+        assert (tree / "usr/bin" / name).read_bytes() == f"tree {name}".encode()
+    for undo in ("sh-shadow-undo.sh", "perl-shadow-undo.sh"):  # nothing diverted: a no-op
+        subprocess.run(["sh", NATIVE / undo, tree], check=True)
+    assert sorted(p.name for p in (tree / "usr/bin").iterdir()) == ["dash", "perl"]
+    assert not (tree / ".sohocloud-native").exists()
