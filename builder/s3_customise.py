@@ -314,7 +314,11 @@ def remove_machine_identity(root: Path) -> None:
     mid = root / "etc/machine-id"
     if mid.exists() or mid.is_symlink():
         mid.unlink()
-    mid.write_text("uninitialized\n")  # systemd: first boot, create one
+    # Empty, not "uninitialized": systemd makes a new id at boot and commits it once / is
+    # writable, but does not treat the boot as its first. On a first boot it would run
+    # preset-all over every unit file (4 s of an emulated boot, before any unit starts);
+    # the build applies the preset itself (apply_preset).
+    mid.write_text("")
     os.chmod(mid, 0o444)
     # The build host's name and resolver must not leak into nodes: firstboot names
     # the node, DHCP/seeds give it DNS.
@@ -356,26 +360,32 @@ def image_python_tag(root: Path) -> str | None:
     return f"cpython-{major}{minor}"
 
 
-def install_firstboot(program: Path, root: Path) -> None:
-    """Install firstboot as module + launcher, with its bytecode when our Python matches the image's."""
+def install_module(src: Path, root: Path, name: str) -> None:
+    """Copy a Python module into FIRSTBOOT_DIR, with its bytecode when our Python matches the image's
+    (else the node compiles it on first boot, on the path to SSH)."""
     import py_compile
     import sys
 
     d = root / FIRSTBOOT_DIR
     d.mkdir(parents=True, exist_ok=True)
-    module = d / "sohocloud_firstboot.py"
-    shutil.copyfile(program, module)
-    (d / "sohocloud-firstboot").write_text(FIRSTBOOT_LAUNCHER)
+    module = d / f"{name}.py"
+    shutil.copyfile(src, module)
     tag = image_python_tag(root)
     if tag == sys.implementation.cache_tag:
         # Unchecked hash: valid whatever the file times in the image; the
         # image is rebuilt, never edited in place.
-        py_compile.compile(str(module), cfile=str(d / "__pycache__" / f"sohocloud_firstboot.{tag}.pyc"),
-                           dfile=f"/{FIRSTBOOT_DIR}/sohocloud_firstboot.py", doraise=True,
+        py_compile.compile(str(module), cfile=str(d / "__pycache__" / f"{name}.{tag}.pyc"),
+                           dfile=f"/{FIRSTBOOT_DIR}/{name}.py", doraise=True,
                            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     else:
-        log.info("firstboot: image Python %s differs from ours (%s): bytecode compiled on first boot",
-                 tag, sys.implementation.cache_tag)
+        log.info("firstboot: image Python %s differs from ours (%s): %s compiled on first boot",
+                 tag, sys.implementation.cache_tag, name)
+
+
+def install_firstboot(program: Path, root: Path) -> None:
+    """Install firstboot as module + launcher."""
+    install_module(program, root, "sohocloud_firstboot")
+    (root / FIRSTBOOT_DIR / "sohocloud-firstboot").write_text(FIRSTBOOT_LAUNCHER)
 
 
 # --------------------------------------------------------------------------- network
@@ -416,9 +426,9 @@ def network_units(cfg: BuildConfig) -> dict[str, str]:
 def write_preset(root: Path, services) -> None:
     """A preset that enables exactly the role's services and nothing else.
 
-    With machine-id 'uninitialized', systemd applies presets on first boot;
-    Debian ships no 'disable *', so without this every installed unit (ssh.service
-    on all interfaces, say) could be switched on at first boot.
+    Debian ships no 'disable *', so without this a `systemctl preset-all` on a
+    node (or a first boot of systemd's own) could switch on every installed unit
+    (ssh.service on all interfaces, say).
     """
     d = root / "usr/lib/systemd/system-preset"
     d.mkdir(parents=True, exist_ok=True)
@@ -426,6 +436,13 @@ def write_preset(root: Path, services) -> None:
     lines += [f"enable {u}" for u in services.enable]
     lines += [f"disable {u}" for u in services.disable] + ["disable *"]
     (d / "00-sohocloud.preset").write_text("\n".join(lines) + "\n")
+
+
+def apply_preset(root: Path) -> None:
+    """What systemd's first boot would do (preset-all, enable-only), done here with the
+    host's systemctl on the offline tree, so the node's boot need not (see
+    remove_machine_identity)."""
+    run(["systemctl", f"--root={root}", "--quiet", "--preset-mode=enable-only", "preset-all"])
 
 
 def set_services(root: Path, services) -> None:
@@ -475,7 +492,7 @@ def install_node_parts(cfg: BuildConfig, root: Path, identity: dict[str, str]) -
     for unit in sorted(cfg.repo.firstboot.glob("*.service")):
         shutil.copyfile(unit, root / "usr/lib/systemd/system" / unit.name)
     # The helpers role hooks import (stdlib only).
-    shutil.copyfile(cfg.repo.firstboot / "sohocloud_hooks.py", root / FIRSTBOOT_DIR / "sohocloud_hooks.py")
+    install_module(cfg.repo.firstboot / "sohocloud_hooks.py", root, "sohocloud_hooks")
     for rel, content in network_units(cfg).items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(content)
@@ -539,6 +556,7 @@ def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[st
     if cfg.target.kind == "node":
         set_services(root, p.services)
         write_preset(root, p.services)
+        apply_preset(root)
     locked = lock_passwords(root)
     if locked:
         log.info("customise: locked password field of %s", ", ".join(locked))

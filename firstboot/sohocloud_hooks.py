@@ -8,7 +8,6 @@ Secrets from the seed go to files (0600) or stdin, never to argv or the log.
 from __future__ import annotations
 
 import grp
-import http.client
 import ipaddress
 import json
 import os
@@ -18,7 +17,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs a few tenths of a second of an emulated boot; annotations only
+if TYPE_CHECKING:
+    from typing import Any
 
 ROOT = Path(os.environ.get("SOHOCLOUD_ROOT", "/"))
 LIVE = ROOT == Path("/")  # hooks touch the running system (systemctl, mount) only on a real node
@@ -248,21 +250,25 @@ def lan_address() -> str | None:
 # --------------------------------------------------------------------------- docker engine API
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, sock_path: str, timeout: float = 60) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.sock_path = sock_path
+def unix_http_connection(sock_path: str, timeout: float = 60):
+    """An HTTPConnection over a unix socket. http.client is imported here, not at the
+    top: it pulls in email and ssl (~2 s of an emulated first boot), and only the
+    cluster hooks talk HTTP."""
+    import http.client
 
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.sock_path)
-        self.sock = s
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            s.connect(sock_path)
+            self.sock = s
+
+    return UnixHTTPConnection("localhost", timeout=timeout)
 
 
 def docker(method: str, url: str, body: Any = None, sock: str = "/run/docker.sock") -> tuple[int, Any]:
     """One Docker Engine API call (secrets such as join tokens travel in the body, not argv)."""
-    conn = UnixHTTPConnection(sock)
+    conn = unix_http_connection(sock)
     try:
         payload = None if body is None else json.dumps(body)
         conn.request(method, url, body=payload, headers={"Content-Type": "application/json"})

@@ -13,9 +13,9 @@ import pytest
 
 from builder.errors import ConfigError
 from builder.s1_resolve import Repo, resolve
-from builder.s3_customise import (add_user, apply_edits, apply_modes, customise_inputs, installed_packages,
-                                  lock_passwords, network_units, remove_machine_identity, render_overlay,
-                                  template_context)
+from builder.s3_customise import (FIRSTBOOT_DIR, add_user, apply_edits, apply_modes, apply_preset, customise_inputs,
+                                  install_module, installed_packages, lock_passwords, network_units,
+                                  remove_machine_identity, render_overlay, template_context, write_preset)
 from builder.s5_assemble import identity
 from builder.schema import ConfigEdit, FileMode, Port, User
 
@@ -420,9 +420,62 @@ def test_remove_machine_identity(tmp_path: Path) -> None:
 
     assert sorted(p.name for p in ssh.iterdir()) == ["sshd_config"]
     mid = tmp_path / "etc/machine-id"
-    assert mid.read_text() == "uninitialized\n" and mode(mid) == 0o444
+    assert mid.read_text() == "" and mode(mid) == 0o444  # a new id at boot, no systemd first boot
     assert not (tmp_path / "var/lib/dbus/machine-id").exists()
     assert not (tmp_path / "var/lib/systemd/random-seed").exists()
+
+
+def test_node_modules_ship_their_bytecode(tmp_path: Path) -> None:
+    """firstboot and the hooks' helpers are byte-compiled at build time (compiling them on a
+    node is time on its emulated path to SSH) and the node's Python uses that bytecode."""
+    import sys
+
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (tmp_path / f"usr/lib/python{ver}").mkdir(parents=True)
+    for name in ("sohocloud_firstboot", "sohocloud_hooks"):
+        src = REPO_ROOT / "firstboot" / ("sohocloud-firstboot" if name == "sohocloud_firstboot" else f"{name}.py")
+        install_module(src, tmp_path, name)
+        pyc = tmp_path / FIRSTBOOT_DIR / "__pycache__" / f"{name}.{sys.implementation.cache_tag}.pyc"
+        assert pyc.stat().st_size > 1000
+    # Python takes the shipped .pyc (an unchecked-hash one): the source may even be newer.
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); sys.dont_write_bytecode = True; "
+             "import sohocloud_hooks; print(sohocloud_hooks.__cached__)")
+    os.utime(tmp_path / FIRSTBOOT_DIR / "sohocloud_hooks.py")
+    p = subprocess.run([sys.executable, "-c", probe, str(tmp_path / FIRSTBOOT_DIR)], capture_output=True, text=True,
+                       check=True)
+    assert p.stdout.strip().endswith(f"sohocloud_hooks.{sys.implementation.cache_tag}.pyc")
+
+
+def test_node_modules_import_nothing_slow(tmp_path: Path) -> None:
+    """The first boot's start-up: firstboot and the hooks' helpers keep dataclasses, typing and
+    http.client (email, ssl) out of their imports; each costs a second or more under emulation."""
+    import sys
+
+    probe = ("import sys, importlib.machinery as m; sys.path.insert(0, sys.argv[1]); "
+             "before = set(sys.modules); "
+             "m.SourceFileLoader('sohocloud_firstboot', sys.argv[2]).load_module(); import sohocloud_hooks; "
+             "print(' '.join(sorted(set(sys.modules) - before)))")
+    p = subprocess.run([sys.executable, "-c", probe, str(REPO_ROOT / "firstboot"),
+                        str(REPO_ROOT / "firstboot/sohocloud-firstboot")], capture_output=True, text=True, check=True)
+    loaded = set(p.stdout.split())
+    assert {"sohocloud_hooks", "yaml"} <= loaded  # we are looking at the right imports
+    assert not loaded & {"dataclasses", "inspect", "ast", "typing", "http.client", "email", "ssl", "urllib.request"}
+
+
+def test_build_applies_the_preset_not_the_first_boot(tmp_path: Path) -> None:
+    """The build applies the role's preset (systemd's first-boot preset-all, enable-only) with the
+    host's systemctl; the image's machine-id is empty, so the node's systemd skips it."""
+    from builder.schema import Services
+
+    unit_dir = tmp_path / "usr/lib/systemd/system"
+    unit_dir.mkdir(parents=True)
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    for name in ("wanted.service", "stray.service"):
+        (unit_dir / name).write_text("[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
+    write_preset(tmp_path, Services(enable=("wanted.service",), disable=(), mask=()))
+    apply_preset(tmp_path)
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    assert sorted(p.name for p in wants.iterdir()) == ["wanted.service"]
 
 
 def test_remove_machine_identity_replaces_symlink(tmp_path: Path) -> None:

@@ -502,6 +502,51 @@ def test_role_hooks_run_in_order_with_seed_json(root: Path, tmp_path: Path,
     assert (root / "var/lib/sohocloud/firstboot.done").read_text() == "iid-1\n"
 
 
+PY_HOOK = """#!/usr/bin/python3
+import json, os, sys
+report = {"argv0": sys.argv[0], "cwd": os.getcwd(), "x": os.environ.get("X"), "stdin": sys.stdin.read(),
+          "path0": sys.path[0], "name": __name__, "forked": "pytest" in sys.modules}
+with open(os.environ["REPORT"], "w") as f:
+    json.dump(report, f)
+print("hook says hi", flush=True)
+how = os.environ.get("HOW", "0")
+if how == "message":
+    sys.exit("hook refused: bad setting")
+if how == "raise":
+    raise ValueError("hook bug")
+sys.exit(int(how))
+"""
+
+
+@pytest.mark.parametrize("how, code", [("0", 0), ("3", 3), ("message", 1), ("raise", 1)])
+def test_python_hook_in_a_fork_behaves_like_an_exec(root: Path, tmp_path: Path, how: str, code: int,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """A Python hook runs in a fork of firstboot (no interpreter start-up); what it sees — argv,
+    cwd, environment, stdin, its own folder first on sys.path, __main__ — and its exit code and
+    output are those of a fresh `python3 HOOK`."""
+    hook = add_hook(root, "10-py", "")
+    hook.write_text(PY_HOOK)
+    ctx = fb.Ctx(root=root, system=False)
+    env = {"PATH": "/usr/bin:/bin", "X": "from-env", "HOW": how}
+    seen = {}
+    for kind in ("fork", "exec"):
+        if kind == "exec":  # the same file, run the classic way
+            monkeypatch.setattr(fb, "PYTHON_SHEBANG", b"#!never\n")
+        report = tmp_path / f"{kind}.json"
+        assert fb.run_hook(ctx, hook, {**env, "REPORT": str(report)}) == code
+        out, err = capfd.readouterr()
+        assert "hook says hi" in out, (out, err)
+        if how == "message":
+            assert err.strip() == "hook refused: bad setting"
+        if how == "raise":
+            assert "Traceback" in err and "ValueError: hook bug" in err
+        seen[kind] = json.loads(report.read_text())
+    assert seen["fork"].pop("forked") and not seen["exec"].pop("forked")  # each path was taken
+    assert seen["fork"] == seen["exec"] == {"argv0": str(hook), "cwd": str(root), "x": "from-env", "stdin": "",
+                                            "path0": str(hook.parent), "name": "__main__"}
+
+
 def test_role_hooks_not_run_under_no_system_by_default(root: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SOHOCLOUD_RUN_HOOKS", raising=False)
