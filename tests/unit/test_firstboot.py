@@ -613,6 +613,23 @@ def test_online_phase_retries_until_each_hook_succeeds(root: Path, tmp_path: Pat
     assert count.read_text().count("x") == 3
 
 
+def test_online_python_hooks_run_as_fresh_processes(root: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online hooks are retried for minutes: each try is a new interpreter (not a fork of the
+    long-lived online phase, which would hand it this process's state); firstboot.d hooks
+    keep the fork (test_python_hook_in_a_fork_behaves_like_an_exec)."""
+    monkeypatch.setenv("SOHOCLOUD_RUN_HOOKS", "1")
+    report = tmp_path / "online.json"
+    hook = add_online_hook(root, "10-py", "")
+    hook.write_text(PY_HOOK)
+    monkeypatch.setenv("REPORT", str(report))
+    assert run_fb(root, make_seed(tmp_path / "seed")) == 0
+    assert run_fb(root, None, "--phase", "online") == 0
+    seen = json.loads(report.read_text())
+    assert seen["forked"] is False and seen["argv0"] == str(hook) and seen["name"] == "__main__"
+    assert (root / "var/lib/sohocloud/online.done").read_text() == "iid-1\n"
+
+
 def test_online_phase_resumes_after_power_cut(root: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Early phase done, online phase cut off: the next boot hands the settings over again."""

@@ -1,0 +1,105 @@
+"""The swarm worker's join (online.d/70-cluster) against a fake Docker Engine: a join docker
+is still carrying out from an earlier try is waited for, not left and asked for again."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HOOK = REPO / "overlays/cluster-member/usr/lib/sohocloud/online.d/70-cluster"
+CLUSTER = {"engine": "swarm", "role": "worker", "node_role": "workstation-host", "join_port": 7443,
+           "manager": {"fqdn": "control.example.lan"}}
+
+
+class FakeEngine:
+    """Swarm state as docker reports it: *pending_polls* more /info answers say pending."""
+
+    def __init__(self, state: str, pending_polls: int) -> None:
+        self.state, self.pending_polls, self.calls = state, pending_polls, []
+
+    def docker(self, method: str, url: str, body=None, sock: str = "") -> tuple[int, dict]:
+        self.calls.append(f"{method} {url}")
+        if url == "/info":
+            if self.state == "pending":
+                if self.pending_polls <= 0:
+                    self.state = "active"
+                self.pending_polls -= 1
+            managers = [{"Addr": "10.44.0.2:2377"}] if self.state == "active" else None
+            return 200, {"Swarm": {"LocalNodeState": self.state, "NodeID": "n1", "RemoteManagers": managers}}
+        if url.startswith("/swarm/leave"):
+            self.state = "inactive"
+            return 200, {}
+        if url == "/swarm/join":
+            self.state, self.pending_polls = "pending", 3
+            return 200, {}
+        raise AssertionError(url)
+
+
+@pytest.fixture()
+def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SOHOCLOUD_LIB", str(REPO / "firstboot"))
+    loader = importlib.machinery.SourceFileLoader("cluster_hook_70", str(HOOK))
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(mod)
+    monkeypatch.setattr(mod.h, "ROOT", tmp_path)
+    clock = [1000.0]
+    mod.time = types.SimpleNamespace(monotonic=lambda: clock[0],
+                                     sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    asked: list[str] = []
+    mod.ask_manager = lambda cluster, method, url, body=None: (
+        asked.append(f"{method} {url}") or {"token": "SWMTKN-1-x", "managers": ["10.44.0.2:2377"]})
+    mod.asked, mod.clock = asked, clock
+    return mod
+
+
+def test_a_join_still_under_way_is_waited_for(hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine("pending", pending_polls=20)
+    monkeypatch.setattr(hook.h, "docker", engine.docker)
+    hook.h.write(hook.JOIN_STARTED, f"{hook.clock[0] - 200}\n", 0o600)  # an earlier try asked 200 s ago
+    hook.swarm_worker(CLUSTER, "10.44.0.10")
+    assert not [c for c in engine.calls if c.startswith("POST /swarm")]  # neither left nor joined again
+    assert hook.asked == ["POST /v1/label"]
+
+
+def test_a_join_past_patience_or_from_an_earlier_boot_starts_over(hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    for started in (f"{1000.0 - hook.JOIN_PATIENCE_S - 1}\n", None):
+        engine = FakeEngine("pending", pending_polls=10**6)
+        monkeypatch.setattr(hook.h, "docker", engine.docker)
+        hook.asked.clear()
+        marker = hook.h.path(hook.JOIN_STARTED)
+        marker.unlink(missing_ok=True)
+        if started is not None:
+            hook.h.write(hook.JOIN_STARTED, started, 0o600)
+        hook.clock[0] = 1000.0
+        hook.swarm_worker(CLUSTER, "10.44.0.10")
+        swarm_calls = [c for c in engine.calls if c.startswith("POST /swarm")]
+        assert swarm_calls == ["POST /swarm/leave?force=1", "POST /swarm/join"], started
+        assert hook.asked == ["GET /v1/join", "POST /v1/label"]
+        assert float(marker.read_text()) == 1000.0  # the new request's time, for the next try
+
+
+def test_a_join_not_active_within_its_wait_is_left_to_the_next_try(hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine("inactive", pending_polls=0)
+    monkeypatch.setattr(hook.h, "docker", engine.docker)
+    real_join = engine.docker
+
+    def slow_join(method, url, body=None, sock=""):
+        r = real_join(method, url, body)
+        if url == "/swarm/join":
+            engine.pending_polls = 10**6  # docker is slow: still pending after the hook's wait
+        return r
+
+    monkeypatch.setattr(hook.h, "docker", slow_join)
+    with pytest.raises(SystemExit, match="not active after 180 s"):
+        hook.swarm_worker(CLUSTER, "10.44.0.10")
+    # The next try, a minute later: it waits for that join instead of leaving it.
+    engine.calls.clear()
+    engine.pending_polls = 5
+    hook.clock[0] += 60
+    hook.swarm_worker(CLUSTER, "10.44.0.10")
+    assert not [c for c in engine.calls if c.startswith("POST /swarm")]
