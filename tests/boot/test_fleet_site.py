@@ -2,9 +2,11 @@
 together on its private LAN, checked across nodes with `sohocloud fleet test`'s
 checks (builder/fleet_check.py) against the real services.
 
-Boot order on purpose: the router, then storage and the workstation host, and
-only then control: the cluster members must wait for the manager and join once
-it is up (firstboot's online phase retries with backoff).
+Boot order on purpose: the router and the workstation hosts, and only then control:
+the cluster members must wait for the manager and join once it is up (firstboot's
+online phase retries with backoff). Storage boots beside control: its first boot (an
+emulated arm64 card in the example site) is the longest, and no member needs it
+before it joins, so it need not hold up the manager.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def office(tmp_path_factory, test_key):
     for disk in (OUT / SITE / "run").glob("*.qcow2"):
         disk.unlink()  # a fresh office every run: blank data disks, first boots
     manager = next(n.name for n in site.nodes if n.role == "control")
-    first = [n.name for n in site.nodes if n.name != manager]
+    later = [manager] + [n.name for n in site.nodes if n.role == "storage"]
+    first = [n.name for n in site.nodes if n.name not in later]
     t0 = time.monotonic()
     r = cli("fleet", "up", str(site_file), "-o", str(OUT), *[a for n in first for a in ("--only", n)])
     # sohocloud's error (naming the node, with its console's end) last: CI shows a failure's tail.
@@ -86,7 +89,8 @@ def office(tmp_path_factory, test_key):
     # runs beside everything else from here on; test_desktop_image_loads_and_runs collects it.
     with ThreadPoolExecutor(1) as background:
         desktop = background.submit(_desktop_image, probe)
-        yield {"site": site, "file": site_file, "probe": probe, "manager": manager, "secrets": secrets,
+        yield {"site": site, "file": site_file, "probe": probe, "manager": manager, "later": later,
+               "secrets": secrets,
                "build_s": build_s, "t0": t0, "build_log": r.stdout + r.stderr, "desktop": desktop}
         desktop.cancel()
     cli("fleet", "down", str(site_file), "-o", str(OUT))
@@ -100,7 +104,7 @@ def _desktop_image(probe: FleetProbe) -> None:
 
 @pytest.fixture(scope="module")
 def joined(office):
-    """The manager boots last; every member then joins."""
+    """The manager (and storage) boot last; every member then joins."""
     probe, site = office["probe"], office["site"]
     worker = next(n for n in site.nodes if n.role == "workstation-host")
     deadline = time.monotonic() + 300
@@ -111,8 +115,8 @@ def joined(office):
             break
         time.sleep(5)
     assert "70-cluster: not yet" in log, f"{worker.name} never waited for the manager:\n{log[-2000:]}"
-    r = cli("fleet", "up", str(office["file"]), "-o", str(OUT), "--only", office["manager"])
-    assert r.returncode == 0, console(office["manager"]) + r.stderr[-3000:]
+    r = cli("fleet", "up", str(office["file"]), "-o", str(OUT), *[a for n in office["later"] for a in ("--only", n)])
+    assert r.returncode == 0, "".join(console(n) for n in office["later"]) + r.stderr[-3000:]
     CHECKS["cluster"](probe)
     office["joined_s"] = time.monotonic() - office["t0"]
     return office

@@ -103,3 +103,30 @@ def test_a_join_not_active_within_its_wait_is_left_to_the_next_try(hook, monkeyp
     hook.clock[0] += 60
     hook.swarm_worker(CLUSTER, "10.44.0.10")
     assert not [c for c in engine.calls if c.startswith("POST /swarm")]
+
+
+def load_joind(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SOHOCLOUD_LIB", str(REPO / "firstboot"))
+    path = REPO / "overlays/control/usr/lib/sohocloud/sohocloud-joind"
+    loader = importlib.machinery.SourceFileLoader("sohocloud_joind", str(path))
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(mod)
+    return mod
+
+
+def test_joind_cleanup_skips_entries_that_never_described_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager's list can hold an entry with no hostname (a join it accepted that the node gave
+    up on, seen in a site run: docker node ls shows it with an empty HOSTNAME, status Unknown).
+    Reading it must not break the label request after the label was set (the member then retried
+    for ever: 'Remote end closed connection without response')."""
+    joind = load_joind(monkeypatch)
+    nodes = [
+        {"ID": "new", "Description": {"Hostname": "ws1"}, "Status": {"State": "ready"}},
+        {"ID": "half", "Description": {}, "Status": {"State": "unknown"}},
+        {"ID": "bare", "Status": {"State": "unknown"}},
+        {"ID": "old", "Description": {"Hostname": "ws1"}, "Status": {"State": "down"}},
+        {"ID": "other", "Description": {"Hostname": "pc1"}, "Status": {"State": "down"}},
+        {"ID": "ws1-up", "Description": {"Hostname": "ws1"}, "Status": {"State": "ready"}},
+    ]
+    assert joind.stale_entries(nodes, "ws1", "new") == ["old"]
+    assert joind.hostname(nodes[1]) is None and joind.hostname(nodes[2]) is None
