@@ -40,12 +40,18 @@ class FakeEngine:
         raise AssertionError(url)
 
 
-@pytest.fixture()
-def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def load_script(path: Path, name: str, monkeypatch: pytest.MonkeyPatch):
+    """A node-side Python script (no .py suffix) as a module, importing the hooks' helpers."""
     monkeypatch.setenv("SOHOCLOUD_LIB", str(REPO / "firstboot"))
-    loader = importlib.machinery.SourceFileLoader("cluster_hook_70", str(HOOK))
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
     mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture()
+def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    mod = load_script(HOOK, "cluster_hook_70", monkeypatch)
     monkeypatch.setattr(mod.h, "ROOT", tmp_path)
     clock = [1000.0]
     mod.time = types.SimpleNamespace(monotonic=lambda: clock[0],
@@ -105,21 +111,13 @@ def test_a_join_not_active_within_its_wait_is_left_to_the_next_try(hook, monkeyp
     assert not [c for c in engine.calls if c.startswith("POST /swarm")]
 
 
-def load_joind(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SOHOCLOUD_LIB", str(REPO / "firstboot"))
-    path = REPO / "overlays/control/usr/lib/sohocloud/sohocloud-joind"
-    loader = importlib.machinery.SourceFileLoader("sohocloud_joind", str(path))
-    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-    loader.exec_module(mod)
-    return mod
-
-
 def test_joind_cleanup_skips_entries_that_never_described_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
     """The manager's list can hold an entry with no hostname (a join it accepted that the node gave
     up on, seen in a site run: docker node ls shows it with an empty HOSTNAME, status Unknown).
     Reading it must not break the label request after the label was set (the member then retried
     for ever: 'Remote end closed connection without response')."""
-    joind = load_joind(monkeypatch)
+    joind = load_script(REPO / "overlays/control/usr/lib/sohocloud/sohocloud-joind", "sohocloud_joind",
+                        monkeypatch)
     nodes = [
         {"ID": "new", "Description": {"Hostname": "ws1"}, "Status": {"State": "ready"}},
         {"ID": "half", "Description": {}, "Status": {"State": "unknown"}},
