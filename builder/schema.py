@@ -203,6 +203,9 @@ class QemuSpec:
     firmware_code: str = ""  # UEFI firmware (empty: direct kernel boot only)
     firmware_vars: str = ""
     cpu: str = "max"
+    # The CPU under TCG (no usable KVM), if not *cpu*: emulated SIMD is slow, and `max` offers the
+    # guest AVX2 paths (OpenSSL, Go, glibc pick them) that TCG runs several times slower than plain ones.
+    tcg_cpu: str = ""
     console: str = "ttyS0"
     nic_device: str = "virtio-net-pci"
     nic_addrs: tuple[str, ...] = ()  # PCI addr of NIC n; pairs with Target.nic_paths

@@ -89,7 +89,9 @@ def qemu_argv(spec: QemuSpec, arch: str, disk: Path | None, *, nics: list[Nic], 
               netboot: bool = False) -> list[str]:
     """The QEMU command line (pure: no side effects). *netboot*: no disk, the first NIC boots
     (its iPXE ROM under the machine's own BIOS, or UEFI when *uefi_vars* is given)."""
-    argv = [spec.binary, "-machine", spec.machine, *accel_args(arch), "-cpu", spec.cpu,
+    accel = accel_args(arch)
+    cpu = spec.tcg_cpu if spec.tcg_cpu and accel[-1].startswith("tcg") else spec.cpu
+    argv = [spec.binary, "-machine", spec.machine, *accel, "-cpu", cpu,
             "-smp", str(smp), "-m", str(memory), "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", serial, "-device", "virtio-rng-pci"]
     if boot is not None:

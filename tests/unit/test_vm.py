@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.vm import VM, make_overlay
+import builder.vm
+from builder.schema import QemuSpec
+from builder.vm import VM, Nic, make_overlay, qemu_argv
 
 
 def test_overlay_on_a_relative_base_opens_from_any_folder(tmp_path: Path, monkeypatch) -> None:
@@ -106,3 +108,17 @@ def test_a_starved_boot_is_powered_on_once_more_a_broken_one_is_not(tmp_path: Pa
     with pytest.raises(SohoError, match="no SSH"):  # the image's fault: not retried
         once_more_after_hiccup(vm, waits(SohoError("no SSH")), warn=warned.append)
     assert vm.starts == 2 and len(warned) == 2
+
+
+@pytest.mark.parametrize("kvm, expected", [(False, "qemu64"), (True, "max")])
+def test_a_target_may_give_tcg_its_own_cpu(monkeypatch, kvm: bool, expected: str) -> None:
+    """`tcg_cpu` (emulated SIMD is slow: the plain CPU under TCG), `cpu` with a usable KVM."""
+    monkeypatch.setattr(builder.vm, "usable_kvm", lambda: kvm)
+    monkeypatch.setattr(builder.vm.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
+    spec = QemuSpec(binary="qemu-system-x86_64", machine="q35", cpu="max", tcg_cpu="qemu64", nic_addrs=("0x3",))
+    argv = qemu_argv(spec, "amd64", None, nics=[Nic("user")], netboot=True)
+    assert argv[argv.index("-cpu") + 1] == expected
+    assert argv[argv.index("-accel") + 1] == ("kvm" if kvm else "tcg,thread=multi")
+    plain = QemuSpec(binary="qemu-system-x86_64", machine="q35", cpu="max", nic_addrs=("0x3",))
+    argv = qemu_argv(plain, "amd64", None, nics=[Nic("user")], netboot=True)
+    assert argv[argv.index("-cpu") + 1] == "max"
