@@ -238,6 +238,19 @@ def systemctl(*args: str) -> None:
         run(["systemctl", *args])
 
 
+def start_if_down(unit: str) -> str:
+    """*unit*'s state; a unit that is not running (systemd gave up on it: its start limit,
+    hit on a starved guest) is started again in the background (the hook's next try looks again)."""
+    if not LIVE:
+        return "active"
+    state = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True).stdout.strip()
+    if state not in ("active", "activating", "reloading"):
+        subprocess.run(["systemctl", "reset-failed", unit], capture_output=True)
+        subprocess.run(["systemctl", "start", "--no-block", unit], capture_output=True)
+        say(f"{unit} was {state or 'unknown'}: started it again")
+    return state
+
+
 def lan_address() -> str | None:
     """This node's LAN address, from the network file firstboot wrote from the seed."""
     for p in sorted(path("etc/systemd/network").glob("*lan*.network")):

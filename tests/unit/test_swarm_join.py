@@ -128,3 +128,31 @@ def test_joind_cleanup_skips_entries_that_never_described_themselves(monkeypatch
     ]
     assert joind.stale_entries(nodes, "ws1", "new") == ["old"]
     assert joind.hostname(nodes[1]) is None and joind.hostname(nodes[2]) is None
+
+
+def test_docker_not_running_is_started_again_and_named(hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Engine socket (systemd gave up on docker on a starved guest, seen as a node that never
+    settled): the try says so, with the unit's state, and starts docker again for the next try."""
+    calls: list[list[str]] = []
+
+    def systemctl(argv, **kw):
+        calls.append(argv)
+        return types.SimpleNamespace(returncode=3, stdout="failed\n" if argv[1] == "is-active" else "")
+
+    def no_socket(method, url, body=None, sock=""):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(hook.h, "LIVE", True)
+    monkeypatch.setattr(hook.h.subprocess, "run", systemctl)
+    monkeypatch.setattr(hook.h, "docker", no_socket)
+    with pytest.raises(SystemExit, match=r"docker not answering yet \(docker.service failed"):
+        hook.swarm_worker(CLUSTER, "10.44.0.10")
+    assert [c[1:] for c in calls] == [["is-active", "docker.service"], ["reset-failed", "docker.service"],
+                                      ["start", "--no-block", "docker.service"]]
+    # A unit still starting is left to finish.
+    calls.clear()
+    monkeypatch.setattr(hook.h.subprocess, "run", lambda argv, **kw: calls.append(argv) or
+                        types.SimpleNamespace(returncode=3, stdout="activating\n"))
+    with pytest.raises(SystemExit, match=r"docker.service activating"):
+        hook.swarm_worker(CLUSTER, "10.44.0.10")
+    assert [c[1:] for c in calls] == [["is-active", "docker.service"]]
