@@ -390,18 +390,19 @@ def check_backup_restore(probe: FleetProbe) -> None:
 HELD_BACK_RE = re.compile(r"(?m)^(?:Dependency failed for .*|Timed out waiting for device .*)$")
 
 
-def check_units(probe: FleetProbe) -> None:
-    """No failed unit on any node, none held back by a missing dependency or a device that came too
-    late, and every node finished its first boot (both phases)."""
+def check_units(probe: FleetProbe, nodes: list[SiteNode] | None = None) -> None:
+    """No failed unit on any node (or these *nodes*), none held back by a missing dependency or a
+    device that came too late, and every node finished its first boot (both phases)."""
     problems = []
-    for n in probe.site.nodes:
+    for n in probe.site.nodes if nodes is None else nodes:
         def settled(n=n) -> None:
-            out = probe.ssh(n, "systemctl --failed --no-legend --plain; sudo cat /var/lib/sohocloud/online.done "
-                               "2>/dev/null || echo online-phase-pending").stdout
+            # One SSH session (each costs seconds on an emulated guest): units, then PID 1's journal.
+            out, _, pid1 = probe.ssh(n, "systemctl --failed --no-legend --plain; sudo cat /var/lib/sohocloud/"
+                                        "online.done 2>/dev/null || echo online-phase-pending; echo @@pid1@@; "
+                                        "sudo journalctl -b -q --no-pager -o cat _PID=1").stdout.partition("@@pid1@@")
             expect("online-phase-pending" not in out, f"{n.name}: online phase not finished")
             failed = [line.split()[0] for line in out.splitlines() if line.endswith("failed") or " failed " in line]
             expect(not failed, f"{n.name}: failed units {failed}")
-            pid1 = probe.ssh(n, "sudo journalctl -b -q --no-pager -o cat _PID=1").stdout
             held = HELD_BACK_RE.findall(pid1)
             expect(not held, f"{n.name}: held back at boot: {held[:5]}")
         try:
@@ -433,10 +434,10 @@ def check_git(probe: FleetProbe) -> None:
     expect(p.returncode != 0, f"the git account ran a shell command: {p.stdout!r}")
 
 
-def check_netboot(probe: FleetProbe) -> None:
-    """Each diskless node runs the verified squashfs under a RAM overlay and reaches its LDAP
-    person's NAS home: a file written there as that person is read back on storage."""
-    nodes = probe.nodes_with(lambda m: m.get("bootloader") == "ipxe")
+def check_netboot(probe: FleetProbe, nodes: list[SiteNode] | None = None) -> None:
+    """Each diskless node (or these *nodes*) runs the verified squashfs under a RAM overlay and
+    reaches its LDAP person's NAS home: a file written there as that person is read back on storage."""
+    nodes = probe.nodes_with(lambda m: m.get("bootloader") == "ipxe") if nodes is None else nodes
     expect(bool(nodes), "the site has no netboot node")
     nas, user = probe.provider("nas"), probe.site.users[-1].name
     console_dir = FleetPaths(probe.out, probe.site.name).run
