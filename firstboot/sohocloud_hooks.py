@@ -251,6 +251,30 @@ def start_if_down(unit: str) -> str:
     return state
 
 
+# sssd asked for people it did not find, in this boot (a count: every few, it is restarted).
+SSSD_MISSES = "run/sohocloud/sssd-misses"
+SSSD_RESTART_EVERY = 4
+
+
+def nudge_sssd() -> None:
+    """People the directory should know are not found through sssd: ask it to go online now
+    (USR2), and every few misses restart it. On a starved boot (seen on the emulated NAS) sssd's
+    responders can fail to register with its backend ("timed out before identification", then
+    "Unable to register client with DP" for good): it answers nothing until it is restarted."""
+    if not LIVE or start_if_down("sssd.service") != "active":
+        return
+    try:
+        misses = int(path(SSSD_MISSES).read_text()) + 1
+    except (OSError, ValueError):
+        misses = 1
+    write(SSSD_MISSES, f"{misses}\n")
+    if misses % SSSD_RESTART_EVERY == 0:
+        subprocess.run(["systemctl", "restart", "--no-block", "sssd.service"], capture_output=True)
+        say(f"sssd found nobody {misses} times: restarted it")
+    else:
+        subprocess.run(["systemctl", "kill", "-s", "USR2", "sssd.service"], capture_output=True)
+
+
 def lan_address() -> str | None:
     """This node's LAN address, from the network file firstboot wrote from the seed."""
     for p in sorted(path("etc/systemd/network").glob("*lan*.network")):

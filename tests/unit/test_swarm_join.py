@@ -156,3 +156,18 @@ def test_docker_not_running_is_started_again_and_named(hook, monkeypatch: pytest
     with pytest.raises(SystemExit, match=r"docker.service activating"):
         hook.swarm_worker(CLUSTER, "10.44.0.10")
     assert [c[1:] for c in calls] == [["is-active", "docker.service"]]
+
+
+def test_sssd_that_keeps_finding_nobody_is_restarted(hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sssd whose responders failed to register with its backend on a starved boot answers nothing
+    until restarted (seen on the emulated NAS in CI: 60-nas-users retried for ever). Each miss asks
+    it to go online; every fourth restarts it."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(hook.h, "LIVE", True)
+    monkeypatch.setattr(hook.h.subprocess, "run", lambda argv, **kw: calls.append(argv) or
+                        types.SimpleNamespace(returncode=0, stdout="active\n"))
+    for _ in range(hook.h.SSSD_RESTART_EVERY):
+        hook.h.nudge_sssd()
+    acts = [c[1:] for c in calls if c[1] != "is-active"]
+    assert acts == [["kill", "-s", "USR2", "sssd.service"]] * (hook.h.SSSD_RESTART_EVERY - 1) + \
+        [["restart", "--no-block", "sssd.service"]]
