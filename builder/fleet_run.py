@@ -329,6 +329,11 @@ def boot_in_parallel(boot: Callable[[SiteNode], None], nodes: list[SiteNode], ab
 SETTLED = ("sohocloud-firstboot: done (online phase)", "(both phases)")
 
 
+def console_says_settled(console_text: str) -> bool:
+    """Whether a node's console shows its first boot complete (online phase done)."""
+    return any(marker in console_text for marker in SETTLED)
+
+
 def _console_text(paths: FleetPaths, name: str) -> str:
     console = paths.run / f"{name}.console.log"
     return console.read_text(errors="replace") if console.exists() else ""
@@ -340,7 +345,7 @@ def wait_settled(site: Site, paths: FleetPaths, timeout: float) -> None:
     pending = {n.name for n in site.nodes}
     while pending:
         for name in sorted(pending):
-            if any(marker in _console_text(paths, name) for marker in SETTLED):
+            if console_says_settled(_console_text(paths, name)):
                 log.info("fleet %s: %s settled (first boot complete)", site.name, name)
                 pending.discard(name)
         if pending and time.monotonic() > deadline:
