@@ -434,11 +434,41 @@ def check_git(probe: FleetProbe) -> None:
     expect(p.returncode != 0, f"the git account ran a shell command: {p.stdout!r}")
 
 
+def http_status(probe: FleetProbe, url: str) -> int:
+    """The HTTP status a GET of *url* gets from the host's seat on the LAN (-1: no answer).
+    No proxy: the site LAN has none, whatever the host's environment says."""
+    script = ("import sys,urllib.request,urllib.error\n"
+              "o=urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+              "try:\n  print(o.open(sys.argv[1],timeout=15).status)\n"
+              "except urllib.error.HTTPError as e:\n  print(e.code)\n")
+    p = probe.in_netns(["python3", "-c", script, url], timeout=40)
+    out = p.stdout.strip()
+    return int(out) if p.returncode == 0 and out.isdigit() else -1
+
+
+def check_seeds_served_to_their_node_only(probe: FleetProbe, nodes: list[SiteNode]) -> None:
+    """The PXE server hands a netboot node's seed (its keys and secrets) only to the address the site
+    reserved for that node's MAC: the host's seat on the LAN is refused each one, and a MAC the site
+    does not know has no seed at all (its initrd reports "not enrolled")."""
+    server = probe.provider("pxe")
+    for n in nodes:
+        code = http_status(probe, f"http://{server.address}/seeds/{n.mac}/user-data")
+        expect(code == 403, f"{server.name} answered HTTP {code} to another LAN address asking for {n.name}'s "
+                            "seed, expected 403 (served only to its reserved address)")
+    known = {n.mac for n in probe.site.nodes}
+    stranger = next(m for m in (f"52:54:00:ff:ff:{i:02x}" for i in range(256)) if m not in known)
+    code = http_status(probe, f"http://{server.address}/seeds/{stranger}/user-data")
+    expect(code == 404, f"{server.name} answered HTTP {code} for the seed of a MAC the site does not know "
+                        f"({stranger}), expected 404 (not enrolled)")
+
+
 def check_netboot(probe: FleetProbe, nodes: list[SiteNode] | None = None) -> None:
     """Each diskless node (or these *nodes*) runs the verified squashfs under a RAM overlay and
-    reaches its LDAP person's NAS home: a file written there as that person is read back on storage."""
+    reaches its LDAP person's NAS home: a file written there as that person is read back on storage.
+    Their seeds are served to them only."""
     nodes = probe.nodes_with(lambda m: m.get("bootloader") == "ipxe") if nodes is None else nodes
     expect(bool(nodes), "the site has no netboot node")
+    check_seeds_served_to_their_node_only(probe, nodes)
     nas, user = probe.provider("nas"), probe.site.users[-1].name
     console_dir = FleetPaths(probe.out, probe.site.name).run
     for n in nodes:

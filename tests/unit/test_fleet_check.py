@@ -1,4 +1,4 @@
-"""Tier 1: the port scan of `fleet test` (builder/fleet_check.py) against real sockets.
+"""Tier 1: the port scan and HTTP probe of `fleet test` (builder/fleet_check.py) against real sockets.
 
 It runs in a throwaway network namespace with only loopback and a few listeners, so
 what it reports is exactly what this test opened (nothing else of the host is in there).
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from builder.fleet_check import CheckFailed, scan_ports
+from builder.fleet_check import CheckFailed, http_status, scan_ports
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ip netns)")
 
@@ -77,3 +77,32 @@ def test_scan_finds_exactly_the_listening_ports_at_each_end_of_the_range(netns):
 def test_scan_that_cannot_run_is_a_failed_check_not_an_empty_answer(netns):
     with pytest.raises(CheckFailed, match="port scan failed"):
         scan_ports(NetnsProbe(netns), ["not-an-address"], timeout=60)
+
+
+HTTP_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 403 if self.path.startswith("/seeds/52:54:00:44:00:21/") else 404
+        self.send_response(code); self.end_headers()
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.2", 8080), H)
+print("ready", flush=True)
+s.serve_forever()
+"""
+
+
+def test_http_status_reads_the_servers_answer_and_ignores_the_hosts_proxy(netns, monkeypatch):
+    # The site LAN has no proxy: a host's http_proxy must not send the seed request elsewhere.
+    monkeypatch.setenv("http_proxy", "http://192.0.2.1:3128")
+    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", HTTP_SERVER],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "ready\n"
+        probe = NetnsProbe(netns)
+        assert http_status(probe, "http://127.0.0.2:8080/seeds/52:54:00:44:00:21/user-data") == 403
+        assert http_status(probe, "http://127.0.0.2:8080/seeds/52:54:00:ff:ff:00/user-data") == 404
+        assert http_status(probe, "http://127.0.0.3:8080/") == -1  # nothing listens there
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
