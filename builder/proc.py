@@ -1,13 +1,17 @@
-"""The one subprocess wrapper: logs the command, raises with stderr on failure."""
+"""The one subprocess wrapper: logs the command, raises with stderr on failure; and the check that
+the host tools a command needs are installed, before it starts any work."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from .errors import SohoError
 
 log = logging.getLogger("sohocloud.run")
 
@@ -66,3 +70,10 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr or proc.stdout or "")
     return proc
+
+
+def require_tools(tools: Sequence[str]) -> None:
+    """Every one of *tools* is on PATH (or in /usr/sbin, /sbin: a user's PATH may lack them)."""
+    missing = [t for t in tools if shutil.which(t) is None and shutil.which(t, path="/usr/sbin:/sbin") is None]
+    if missing:
+        raise SohoError(f"missing host tools: {', '.join(missing)} (run `make deps`)")

@@ -1,13 +1,13 @@
 """NoCloud seeds: render meta-data/user-data/network-config and pack a 'cidata' volume.
 
-The node side is firstboot/sohocloud-firstboot; keep the two in step (same key
-format rules, same hostname rule, same YAML subset).
+The node side is firstboot/sohocloud_firstboot (the program that applies a seed on a
+node's first boot). The rules both sides share (key format, host name, instance-id,
+the files and their headers) are one copy, in sohocloud_firstboot.seedrules; keep
+the rest in step (the same YAML subset).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -19,27 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sohocloud_firstboot.seedrules import (
+    ADMIN,
+    HOSTNAME_RE,  # noqa: F401 (re-exported: other code takes it from here)
+    IFACE_ID_RE,
+    NETWORK_CONFIG_KEYS,
+    NETWORK_CONFIG_VERSION,
+    SEED_FILES,  # noqa: F401 (re-exported)
+    SSH_KEY_TYPES,  # noqa: F401 (re-exported)
+    USER_DATA_HEADER,
+    is_public_key,
+    valid_hostname,
+    valid_instance_id,
+)
 
 from builder.errors import SohoError
 from builder.proc import CommandError, run
 
-SEED_FILES = ("meta-data", "user-data", "network-config")
-ADMIN = "admin"
-CIDATA_LABEL = "CIDATA"  # FAT labels are upper case; firstboot looks for both spellings
-
-HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-IFACE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-SSH_KEY_TYPES = frozenset(
-    {
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    }
-)
+CIDATA_LABEL = "CIDATA"  # FAT labels are upper case; firstboot looks for each of seedrules.CIDATA_LABELS
 # mtools refuses images whose geometry it dislikes unless told not to check.
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
 # FAT cannot store 1970; a fixed, valid date keeps the image reproducible.
@@ -49,30 +46,12 @@ DEFAULT_EPOCH = 946684800  # 2000-01-01
 # --------------------------------------------------------------------------- validation
 
 
-def is_public_key(line: str) -> bool:
-    """An OpenSSH public key line: known type, base64 blob whose embedded type
-    name matches, optional comment. Same rule as firstboot uses on the node."""
-    if "\n" in line or "\r" in line or "\0" in line:
-        return False
-    parts = line.split(None, 2)
-    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
-        return False
-    try:
-        blob = base64.b64decode(parts[1], validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    if len(blob) < 4:
-        return False
-    n = int.from_bytes(blob[:4], "big")
-    return blob[4 : 4 + n] == parts[0].encode()
-
-
 def _looks_private(text: str) -> bool:
     return "PRIVATE KEY" in text or text.lstrip().startswith(("-----BEGIN", "PuTTY-User-Key-File"))
 
 
 def check_hostname(hostname: str) -> str:
-    if not isinstance(hostname, str) or not HOSTNAME_RE.fullmatch(hostname):
+    if not valid_hostname(hostname):
         raise SohoError(
             f"seed: hostname {hostname!r} is not a valid host name: expected one RFC 1123 label "
             "(1-63 letters, digits or '-', not starting or ending with '-', no dots)"
@@ -106,16 +85,16 @@ def check_network(network: Mapping[str, Any] | None) -> dict[str, Any]:
     if network is None:
         # No ethernets: the node keeps the image's own networkd defaults
         # (a catch-all DHCP here would override e.g. the router's LAN setup).
-        return {"version": 2, "ethernets": {}}
+        return {"version": NETWORK_CONFIG_VERSION, "ethernets": {}}
     if not isinstance(network, Mapping):
         raise SohoError("seed: network must be a mapping (netplan version 2)")
     net = dict(network)
     if isinstance(net.get("network"), Mapping):
         net = dict(net["network"])
-    net.setdefault("version", 2)
-    if net["version"] != 2:
-        raise SohoError(f"seed: network.version must be 2, got {net['version']!r}")
-    unknown = sorted(set(net) - {"version", "ethernets"})
+    net.setdefault("version", NETWORK_CONFIG_VERSION)
+    if net["version"] != NETWORK_CONFIG_VERSION:
+        raise SohoError(f"seed: network.version must be {NETWORK_CONFIG_VERSION}, got {net['version']!r}")
+    unknown = sorted(set(net) - NETWORK_CONFIG_KEYS)
     if unknown:
         raise SohoError(f"seed: network: unsupported key(s) {', '.join(unknown)} (only 'ethernets')")
     eths = net.get("ethernets") or {}
@@ -184,11 +163,11 @@ def render_seed(
         user["sohocloud"] = block
     if instance_id is None:
         instance_id = default_instance_id(host, {"user": user, "network": net})
-    elif not isinstance(instance_id, str) or not instance_id.strip() or "\n" in instance_id:
+    elif not isinstance(instance_id, str) or not valid_instance_id(instance_id):
         raise SohoError(f"seed: instance-id {instance_id!r} must be a non-empty one-line string")
     return {
         "meta-data": _dump({"instance-id": instance_id, "local-hostname": host}),
-        "user-data": "#cloud-config\n" + _dump(user),
+        "user-data": USER_DATA_HEADER + "\n" + _dump(user),
         "network-config": _dump(net),
     }
 
@@ -338,3 +317,12 @@ def read_seed_from_fat(target: str | os.PathLike[str], offset: int, folder: str)
         if name and not line.strip().endswith("/"):
             out[name] = run([mcopy, "-n", "-i", image, f"::/{folder}/{name}", "-"], env=MTOOLS_ENV, capture=True).stdout
     return out
+
+
+def write_admin_seed(hostname: str, ssh_key_file: Path, out: Path, *, lan_address: str | None = None) -> Path:
+    """`sohocloud seed`: a seed for one node with the admin's keys from *ssh_key_file* and, if given,
+    a static LAN address (CIDR) for the interface named lan."""
+    network = None
+    if lan_address:
+        network = {"version": 2, "ethernets": {"lan": {"match": {"name": "lan"}, "addresses": [lan_address]}}}
+    return write_cidata(render_seed(hostname, read_ssh_keys(ssh_key_file), network=network), out)

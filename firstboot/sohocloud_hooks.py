@@ -1,6 +1,8 @@
 """Helpers for role hooks (firstboot.d / online.d): settings, checked values, files, commands.
 
-Stdlib only: it runs on minimal nodes. Every path goes through ROOT so hooks
+Stdlib only: it runs on minimal nodes. The seed's rules (key format, names) are
+sohocloud_firstboot.seedrules, the package installed beside this module
+(/usr/lib/sohocloud). Every path goes through ROOT so hooks
 can be exercised against a fake root on the build host (SOHOCLOUD_ROOT).
 Secrets from the seed go to files (0600) or stdin, never to argv or the log.
 """
@@ -18,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sohocloud_firstboot import seedrules
+
 TYPE_CHECKING = False  # typing costs a few tenths of a second of an emulated boot; annotations only
 if TYPE_CHECKING:
     from typing import Any
@@ -26,11 +30,10 @@ ROOT = Path(os.environ.get("SOHOCLOUD_ROOT", "/"))
 LIVE = ROOT == Path("/")  # hooks touch the running system (systemctl, mount) only on a real node
 TLS_DIR = "etc/sohocloud/tls"
 
-NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+NAME_RE = seedrules.LABEL_RE
 DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 PEM_RE = re.compile(r"-----BEGIN ([A-Z ]+)-----\n[A-Za-z0-9+/=\n]+-----END \1-----\n?")
-SSH_KEY_TYPES = frozenset({"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
-                           "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"})
+SSH_KEY_TYPES = seedrules.SSH_KEY_TYPES
 
 
 class Refused(SystemExit):
@@ -121,19 +124,7 @@ def secret(value: Any, what: str) -> str:
 
 def ssh_key(value: Any, what: str) -> str:
     """An OpenSSH public key line, as firstboot and `sohocloud seed` accept it (any comment, one line)."""
-    import base64
-    import binascii
-
-    ok = isinstance(value, str) and not any(c in value for c in "\n\r\0")
-    if ok:
-        parts = value.strip().split(None, 2)
-        try:
-            blob = base64.b64decode(parts[1], validate=True) if len(parts) >= 2 else b""
-        except (binascii.Error, ValueError):
-            blob = b""
-        ok = (parts[0] in SSH_KEY_TYPES and len(blob) > 4
-              and blob[4:4 + int.from_bytes(blob[:4], "big")] == parts[0].encode())
-    check(ok, f"{what}: expected an SSH public key")
+    check(isinstance(value, str) and seedrules.is_public_key(value.strip()), f"{what}: expected an SSH public key")
     return value.strip()
 
 

@@ -29,15 +29,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from builder.cache import StageCache  # noqa: E402
-from builder.netlab import Netns, unique_name  # noqa: E402
-from builder.pipeline import build  # noqa: E402
+from builder.fleet.checks import CHECKS, FleetProbe  # noqa: E402
+from builder.fleet.netlab import Netns, unique_name  # noqa: E402
+from builder.image.cache import StageCache, extract_tar  # noqa: E402
+from builder.image.pipeline import build  # noqa: E402
+from builder.image.s1_resolve import Repo, resolve  # noqa: E402
+from builder.image.s5_assemble.fs import make_ext4, tree_size  # noqa: E402
+from builder.machine.probe import wait_ssh_banner  # noqa: E402
+from builder.machine.qemu import VM, BootFiles, Nic, accel_args, qemu_argv  # noqa: E402
 from builder.proc import run  # noqa: E402
-from builder.s1_resolve import Repo, resolve  # noqa: E402
-from builder.s2_rootfs import extract_tar  # noqa: E402
-from builder.s5_assemble import make_ext4, tree_size  # noqa: E402
 from builder.seed import render_seed, write_cidata  # noqa: E402
-from builder.vm import VM, BootFiles, Nic, accel_args, qemu_argv, wait_ssh_banner  # noqa: E402
 
 MANUAL_MARK = "<!-- kept by make bench: notes below this line are not regenerated -->"
 LOGIN_RE = re.compile(rb"login: ")
@@ -159,11 +160,6 @@ def boot_stock(stock_tar: Path, work: Path, cfg, logdir: Path) -> float:
 
 def site_bench(work: Path, key_pub: str) -> dict[str, float]:
     """The example site: fleet build cold (every stage) and warm, then boot-to-all-joined."""
-    import re
-
-    from builder.fleet_check import CHECKS, FleetProbe
-    from builder.site import load_site
-
     site_file = work / "benchsite.yaml"
     text = (REPO / "sites/example.yaml").read_text()
     text = re.sub(r"(?m)^site: example$", "site: benchsite", text)
@@ -176,14 +172,12 @@ def site_bench(work: Path, key_pub: str) -> dict[str, float]:
                                                  "--no-cache"]))
     print("bench: site build, warm", flush=True)
     r["site_warm"], _ = timed(lambda: run(cli + ["build", str(site_file), "-o", str(out), "--secrets", str(secrets)]))
-    repo = Repo(REPO)
-    site = load_site(site_file, known_roles=repo.roles(), gateway_roles=repo.gateway_roles(), repo_root=REPO)
     print("bench: fleet up until every node is joined and settled", flush=True)
     t0 = time.monotonic()
     try:
         run(cli + ["up", str(site_file), "-o", str(out)])
         r["fleet_ssh"] = time.monotonic() - t0
-        probe = FleetProbe.open(site, repo, out, secrets / site.name, str(work / "key"))
+        probe = FleetProbe.open("benchsite", out, secrets / "benchsite", str(work / "key"))
         CHECKS["cluster"](probe)
         CHECKS["units"](probe)
         r["fleet_joined"] = time.monotonic() - t0

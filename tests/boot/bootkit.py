@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.pipeline import build
-from builder.s1_resolve import Repo, resolve
+from builder.image.pipeline import build
+from builder.image.s1_resolve import Repo, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("SOHOCLOUD_OUT", REPO / "out"))
@@ -39,7 +39,7 @@ def build_image(role: str, target: str = "qemu", arch: str = "amd64") -> Path:
 
 def disk_raw(image: Path, work: Path) -> Path:
     """The image's whole disk as a raw file (a card image unpacked with its bmap)."""
-    from builder.vm import disk_format, unpack_card_image
+    from builder.machine.qemu import disk_format, unpack_card_image
 
     return image if disk_format(image) == "qcow2" else unpack_card_image(image, work / f"{image.name}.raw")
 

@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from builder.netlab import Netns, unique_name
-from builder.s1_resolve import Repo, resolve
-from builder.secrets import wireguard_keypair
+from builder.fleet.netlab import Netns, unique_name
+from builder.image.s1_resolve import Repo, resolve
+from builder.fleet.secrets import wireguard_keypair
 from builder.seed import render_seed, write_cidata
-from builder.vm import VM, Nic, once_more_after_hiccup, wait_ssh_banner
+from builder.machine.probe import wait_ssh_banner
+from builder.machine.qemu import Nic, VM, once_more_after_hiccup
 
 from bootkit import ARTIFACTS, BOOT_TIMEOUT, REPO, build_image, free_port  # tests/boot is on sys.path
 

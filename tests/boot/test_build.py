@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import StageCache
+from builder.image.cache import StageCache
 from bootkit import OUT, REPO, write_router_site  # tests/boot is on sys.path (prepend import mode)
 
 pytestmark = pytest.mark.boot

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import StageCache
-from builder.flash import check_device, parse_bmap
+from builder.image.cache import StageCache
+from builder.machine.flash import check_device, parse_bmap
 from builder.proc import run
 from builder.seed import read_seed_from_fat, render_seed, write_cidata, write_seed_to_fat
 from bootkit import REPO, build_image, disk_raw  # tests/boot is on sys.path (prepend import mode)

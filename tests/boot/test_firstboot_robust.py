@@ -12,7 +12,9 @@ import pytest
 from bootkit import BOOT_TIMEOUT, free_port  # tests/boot is on sys.path (prepend import mode)
 
 from builder.seed import render_seed, write_cidata
-from builder.vm import VM, Nic, image_info, seed_lan_address, user_lan, wait_ssh_banner
+from builder.machine.boot import seed_lan_address, user_lan
+from builder.machine.probe import wait_ssh_banner
+from builder.machine.qemu import Nic, VM, image_info
 
 pytestmark = pytest.mark.boot
 

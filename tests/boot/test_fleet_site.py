@@ -1,6 +1,6 @@
 """Tier 3: the example site (router, control, storage, workstation host) booted
 together on its private LAN, checked across nodes with `sohocloud fleet test`'s
-checks (builder/fleet_check.py) against the real services.
+checks (builder/fleet/checks.py) against the real services.
 
 Boot order on purpose: the router and the workstation hosts, and only then control:
 the cluster members must wait for the manager and join once it is up (firstboot's
@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from builder.errors import SohoError
-from builder.fleet_check import CHECKS, FleetProbe, check_netboot, check_units
-from builder.fleet_run import console_says_settled, fleet_ssh_argv
-from builder.s1_resolve import Repo
-from builder.site import load_site
+from builder.fleet.checks import CHECKS, FleetProbe, check_netboot, check_units
+from builder.fleet.record import load_built
+from builder.fleet.running import FleetPaths, fleet_ssh_argv
+from builder.fleet.up import console_says_settled
 
 from bootkit import OUT, REPO  # tests/boot is on sys.path (prepend import mode)
 
@@ -70,7 +70,7 @@ def stuck_report() -> str:
         if settled(n.name):
             continue
         try:
-            argv = fleet_ssh_argv(site, OUT, n.name, [command], key)
+            argv = fleet_ssh_argv(FleetPaths(OUT, SITE), SITE, n.name, [command], key)
         except SohoError:
             continue  # not powered on (yet)
         argv[argv.index("ssh") + 1:argv.index("ssh") + 1] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=30"]
@@ -110,8 +110,7 @@ def office(tmp_path_factory, test_key):
     secrets = d / "secrets"
     built = cli("fleet", "build", str(site_file), "-o", str(OUT), "--secrets", str(secrets))
     assert built.returncode == 0, built.stderr[-3000:]
-    repo = Repo(REPO)
-    site = load_site(site_file, known_roles=repo.roles(), gateway_roles=repo.gateway_roles(), repo_root=REPO)
+    site = load_built(OUT, REPO, str(site_file))[0].site  # the site as `fleet build` recorded it
     _OFFICE.update(site=site, key=str(test_key))
     cli("fleet", "down", str(site_file), "-o", str(OUT))
     for disk in (OUT / SITE / "run").glob("*.qcow2"):
@@ -123,7 +122,7 @@ def office(tmp_path_factory, test_key):
     # sohocloud's error (naming the node, with its console's end), then what its systemd is doing:
     # CI shows a failure's tail.
     assert r.returncode == 0, "".join(console(n) for n in first) + r.stderr[-2000:] + stuck_report()
-    probe = FleetProbe.open(site, repo, OUT, secrets / SITE, str(test_key))
+    probe = FleetProbe.open(SITE, OUT, secrets / SITE, str(test_key))
     # The desktop image check (minutes of docker and podman unpacking under TCG on one node)
     # runs beside everything else from here on; test_desktop_image_loads_and_runs collects it.
     with ThreadPoolExecutor(1) as background:
@@ -137,7 +136,7 @@ def office(tmp_path_factory, test_key):
 
 
 def _desktop_image(probe: FleetProbe) -> None:
-    ws = next(n for n in probe.site.nodes if probe.profile(n).images)
+    ws = next(n for n in probe.site.nodes if probe.node_record(n).images)
     probe.ssh(ws, "sudo systemctl start docker.service", timeout=600)  # it may still be starting
     CHECKS["desktop-image"](probe)
 
@@ -184,8 +183,9 @@ def test_secrets_stay_out_of_images_manifests_and_logs(joined):
     assert files, "fleet build made no secrets"
     for p in secrets.rglob("*"):
         assert (p.stat().st_mode & 0o077) == 0, f"{p} is readable by others"
-    # Where a secret could leak in plain sight: manifests, sohocloud's own output, every node's console.
-    sources = ({str(m): m.read_text() for m in OUT.glob("*.manifest.json")}
+    # Where a secret could leak in plain sight: manifests, the site record, sohocloud's own output,
+    # every node's console.
+    sources = ({str(m): m.read_text() for m in [*OUT.glob("*.manifest.json"), *(OUT / SITE).glob("**/site.json")]}
                | {f"sohocloud's output #{i}": t for i, t in enumerate(joined["logs"])}
                | {str(c): c.read_text(errors="replace") for c in (OUT / SITE / "run").glob("*.console.log")})
     leaks = [f"{p.relative_to(secrets)} shows in {where}" for v, p in files.items() for where, t in sources.items() if v in t]

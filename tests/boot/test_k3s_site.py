@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.fleet_check import CHECKS, FleetProbe
-from builder.s1_resolve import Repo
-from builder.site import load_site
+from builder.fleet.checks import CHECKS, FleetProbe
 
 from bootkit import OUT, REPO  # tests/boot is on sys.path (prepend import mode)
 
@@ -57,16 +55,14 @@ def k3s_site(tmp_path_factory, test_key):
     assert r.returncode == 0, r.stderr[-3000:]
     r = cli("fleet", "up", str(site_file), "-o", str(OUT))
     assert r.returncode == 0, r.stderr[-3000:]
-    repo = Repo(REPO)
-    site = load_site(site_file, known_roles=repo.roles(), gateway_roles=repo.gateway_roles(), repo_root=REPO)
-    yield FleetProbe.open(site, repo, OUT, d / "secrets" / SITE, str(test_key))
+    yield FleetProbe.open(SITE, OUT, d / "secrets" / SITE, str(test_key))
     cli("fleet", "down", str(site_file), "-o", str(OUT))
 
 
 def test_every_member_ready_with_its_role(k3s_site):
     probe = k3s_site
     manager = probe.provider("cluster")
-    members = {n.name: n.role for n in probe.site.nodes if probe.profile(n).cluster != "none"}
+    members = {n.name: n.role for n in probe.site.nodes if probe.node_record(n).cluster != "none"}
     deadline = time.monotonic() + 600
     got = {}
     while time.monotonic() < deadline:
@@ -85,7 +81,7 @@ def test_every_member_ready_with_its_role(k3s_site):
 def test_k3s_config_is_private(k3s_site):
     probe = k3s_site
     for n in probe.site.nodes:
-        if probe.profile(n).cluster != "none":
+        if probe.node_record(n).cluster != "none":
             assert probe.ssh(n, "sudo stat -c %a /etc/rancher/k3s/config.yaml").stdout.strip() == "600"
 
 

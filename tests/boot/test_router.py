@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from builder.proc import run
-from builder.secrets import wireguard_public
+from builder.fleet.secrets import wireguard_public
 from bootkit import partition_raw  # tests/boot is on sys.path (prepend import mode)
 
 pytestmark = pytest.mark.boot
@@ -299,7 +299,7 @@ def test_root_fills_a_larger_card(router_a, router_images):
 
 
 def test_no_build_time_helper_left_in_the_image(router_a):
-    """A foreign-arch build runs host tools in the tree during the install (builder/native/): none
+    """A foreign-arch build runs host tools in the tree during the install (builder/image/distro/debian-native/): none
     of them, their diversion or backup may reach the image; the packaged binaries are back."""
     assert router_a.run("test -e /.sohocloud-native", check=False).returncode == 1
     diversions = router_a.run("dpkg-divert --list").stdout

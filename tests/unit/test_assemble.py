@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from builder.errors import SohoError
-from builder.s1_resolve import Repo, resolve
-from builder.s5_assemble import (ALIGN, GPT_TAIL, GPT_TYPES, SECTOR, Placed, identity, make_esp, make_ext4,
-                                 plan_layout, sfdisk_script, systemd_boot_files, tree_size, write_disk)
-from builder.schema import Partition, parse_size
+from builder.image.s1_resolve import Repo, resolve
+from builder.image.identity import identity
+from builder.image.s5_assemble.bootloader import systemd_boot_files
+from builder.image.s5_assemble.fs import make_esp, make_ext4, tree_size
+from builder.image.s5_assemble.partitions import (ALIGN, GPT_TAIL, GPT_TYPES, Placed, SECTOR, plan_layout,
+                                                  sfdisk_script, write_disk)
+from builder.image.schema import Partition, parse_size
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20

@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConfigError, SohoError
-from builder.flash import parse_bmap
-from builder.pipeline import bmap_path, seed_location
-from builder.s1_resolve import Repo, resolve
-from builder.s2_rootfs import check_foreign_arch, is_foreign
-from builder.s4_initrd import kernel_members, module_selected, parse_package_versions
-from builder.s5_assemble import (board_boot_files, identity, place_blobs, plan_layout, sfdisk_script)
-from builder.schema import RawBlob
+from builder.machine.flash import parse_bmap
+from builder.image.s5_assemble.card import bmap_path
+from builder.image.s5_assemble.rawdisk import seed_location
+from builder.image.s1_resolve import Repo, resolve
+from builder.image.distro.foreign import check_foreign_arch, is_foreign
+from builder.image.s4_initrd import kernel_members, module_selected, parse_package_versions
+from builder.image.identity import identity
+from builder.image.s5_assemble.bootloader import board_boot_files
+from builder.image.s5_assemble.partitions import place_blobs, plan_layout, sfdisk_script
+from builder.image.schema import RawBlob
 from repo_edit import edit  # tests/unit is on sys.path (prepend import mode)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +41,7 @@ def test_every_node_role_resolves_for_arm64(target) -> None:
 
 
 def test_list_shows_boards() -> None:
-    from builder.s1_resolve import load_target
+    from builder.image.s1_resolve import load_target
 
     repo = Repo(REPO_ROOT)
     assert {"rpi4", "rock64"} <= set(repo.targets())
@@ -158,7 +161,7 @@ def test_bmap_parsing() -> None:
 def test_foreign_arch_needs_binfmt(monkeypatch, tmp_path: Path) -> None:
     assert is_foreign("arm64") and not is_foreign("amd64")
     check_foreign_arch("amd64")  # native: nothing to check
-    import builder.s2_rootfs as r
+    import builder.image.distro.foreign as r
 
     real = Path
     monkeypatch.setattr(r, "Path", lambda p, *a: real(str(p).replace("/proc/sys/fs/binfmt_misc", str(tmp_path)), *a))

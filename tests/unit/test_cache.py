@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.cache import StageCache, digest, hash_tree, sha256_file
-from builder.pipeline import up_to_date
-from builder.s6_manifest import (manifest_path, read_manifest, recorded_sha256, update_sha256sums,
-                                 write_json_atomic)
+from builder.image.cache import StageCache, digest, hash_tree, sha256_file
+from builder.image.pipeline import up_to_date
+from builder.image.s6_manifest import (manifest_path, read_manifest, recorded_sha256, update_sha256sums,
+                                       write_json_atomic)
 
 KEY = "5e" * 32
 
@@ -129,7 +129,7 @@ def test_explain(tmp_path: Path) -> None:
 
 
 def test_cache_root_env(tmp_path: Path, monkeypatch) -> None:
-    from builder.cache import cache_root
+    from builder.image.cache import cache_root
 
     monkeypatch.setenv("SOHOCLOUD_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"

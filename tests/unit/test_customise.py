@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConfigError
-from builder.s1_resolve import Repo, resolve
-from builder.s3_customise import (FIRSTBOOT_DIR, add_user, apply_edits, apply_modes, apply_preset, customise_inputs,
-                                  install_module, installed_packages, lock_passwords, network_units,
-                                  remove_machine_identity, render_overlay, template_context, write_preset)
-from builder.s5_assemble import identity
-from builder.schema import ConfigEdit, FileMode, Port, User
+from builder.image.s1_resolve import Repo, resolve
+from builder.image.distro.debian import installed_packages
+from builder.image.s3_customise import (FIRSTBOOT_DIR, add_user, apply_edits, apply_modes, apply_preset,
+                                        customise_inputs, install_firstboot, lock_passwords, network_units,
+                                        remove_machine_identity, render_overlay, template_context, write_preset)
+from builder.image.identity import identity
+from builder.image.schema import ConfigEdit, FileMode, Port, User
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY = "0123456789abcdef" * 4
@@ -431,19 +432,28 @@ def test_node_modules_ship_their_bytecode(tmp_path: Path) -> None:
     import sys
 
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    tag = sys.implementation.cache_tag
     (tmp_path / f"usr/lib/python{ver}").mkdir(parents=True)
-    for name in ("sohocloud_firstboot", "sohocloud_hooks"):
-        src = REPO_ROOT / "firstboot" / ("sohocloud-firstboot" if name == "sohocloud_firstboot" else f"{name}.py")
-        install_module(src, tmp_path, name)
-        pyc = tmp_path / FIRSTBOOT_DIR / "__pycache__" / f"{name}.{sys.implementation.cache_tag}.pyc"
-        assert pyc.stat().st_size > 1000
+    (tmp_path / "usr/lib/systemd/system").mkdir(parents=True)
+    install_firstboot(REPO_ROOT / "firstboot", tmp_path)
+    lib = tmp_path / FIRSTBOOT_DIR
+    assert (lib / "sohocloud-firstboot").read_bytes() == (REPO_ROOT / "firstboot/sohocloud-firstboot").read_bytes()
+    modules = sorted(p.stem for p in (REPO_ROOT / "firstboot/sohocloud_firstboot").glob("*.py"))
+    assert {"main", "seedrules"} <= set(modules)
+    for folder, name in [(lib / "sohocloud_firstboot", m) for m in modules] + [(lib, "sohocloud_hooks")]:
+        assert (folder / f"{name}.py").is_file()
+        pyc = folder / "__pycache__" / f"{name}.{tag}.pyc"
+        assert pyc.stat().st_size > 100, pyc
+    assert sorted(p.name for p in (tmp_path / "usr/lib/systemd/system").iterdir()) == \
+        ["sohocloud-firstboot.service", "sohocloud-online.service"]
     # Python takes the shipped .pyc (an unchecked-hash one): the source may even be newer.
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); sys.dont_write_bytecode = True; "
-             "import sohocloud_hooks; print(sohocloud_hooks.__cached__)")
-    os.utime(tmp_path / FIRSTBOOT_DIR / "sohocloud_hooks.py")
-    p = subprocess.run([sys.executable, "-c", probe, str(tmp_path / FIRSTBOOT_DIR)], capture_output=True, text=True,
-                       check=True)
-    assert p.stdout.strip().endswith(f"sohocloud_hooks.{sys.implementation.cache_tag}.pyc")
+             "import sohocloud_hooks, sohocloud_firstboot.main as m; print(sohocloud_hooks.__cached__, m.__cached__)")
+    for p in [lib / "sohocloud_hooks.py", *(lib / "sohocloud_firstboot").glob("*.py")]:
+        os.utime(p)
+    p = subprocess.run([sys.executable, "-c", probe, str(lib)], capture_output=True, text=True, check=True)
+    hooks_pyc, main_pyc = p.stdout.split()
+    assert hooks_pyc.endswith(f"sohocloud_hooks.{tag}.pyc") and main_pyc.endswith(f"main.{tag}.pyc")
 
 
 def test_node_modules_import_nothing_slow(tmp_path: Path) -> None:
@@ -451,21 +461,20 @@ def test_node_modules_import_nothing_slow(tmp_path: Path) -> None:
     http.client (email, ssl) out of their imports; each costs a second or more under emulation."""
     import sys
 
-    probe = ("import sys, importlib.machinery as m; sys.path.insert(0, sys.argv[1]); "
-             "before = set(sys.modules); "
-             "m.SourceFileLoader('sohocloud_firstboot', sys.argv[2]).load_module(); import sohocloud_hooks; "
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); before = set(sys.modules); "
+             "import sohocloud_firstboot.main, sohocloud_hooks; "
              "print(' '.join(sorted(set(sys.modules) - before)))")
-    p = subprocess.run([sys.executable, "-c", probe, str(REPO_ROOT / "firstboot"),
-                        str(REPO_ROOT / "firstboot/sohocloud-firstboot")], capture_output=True, text=True, check=True)
+    p = subprocess.run([sys.executable, "-c", probe, str(REPO_ROOT / "firstboot")], capture_output=True, text=True,
+                       check=True)
     loaded = set(p.stdout.split())
-    assert {"sohocloud_hooks", "yaml"} <= loaded  # we are looking at the right imports
+    assert {"sohocloud_firstboot.main", "sohocloud_hooks", "yaml"} <= loaded  # we are looking at the right imports
     assert not loaded & {"dataclasses", "inspect", "ast", "typing", "http.client", "email", "ssl", "urllib.request"}
 
 
 def test_build_applies_the_preset_not_the_first_boot(tmp_path: Path) -> None:
     """The build applies the role's preset (systemd's first-boot preset-all, enable-only) with the
     host's systemctl; the image's machine-id is empty, so the node's systemd skips it."""
-    from builder.schema import Services
+    from builder.image.schema import Services
 
     unit_dir = tmp_path / "usr/lib/systemd/system"
     unit_dir.mkdir(parents=True)

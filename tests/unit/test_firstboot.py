@@ -1,4 +1,5 @@
-"""Tier 1: firstboot/sohocloud-firstboot against a fake root directory.
+"""Tier 1: the node program (firstboot/sohocloud_firstboot, run by firstboot/sohocloud-firstboot)
+against a fake root directory.
 
 Every run uses --no-system, so nothing on the host is touched (no hostname,
 mount or udevadm calls); role hooks run only where SOHOCLOUD_RUN_HOOKS=1.
@@ -10,8 +11,6 @@ import base64
 import functools
 import hashlib
 import http.server
-import importlib.machinery
-import importlib.util
 import json
 import os
 import re
@@ -23,11 +22,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+from sohocloud_firstboot import context, hooks, sources
+from sohocloud_firstboot import main as fb_main
 
 REPO = Path(__file__).resolve().parents[2]
 FIRSTBOOT = REPO / "firstboot" / "sohocloud-firstboot"
@@ -38,18 +38,6 @@ HAVE_FAT_TOOLS = all(
 )
 
 SECRET = "TOPSECRET-7f3a9c"  # must never show up in firstboot's output
-
-
-def load_firstboot() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("sohocloud_firstboot", str(FIRSTBOOT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-fb = load_firstboot()
 
 
 def fake_key(comment: str = "alice@test", seed: bytes = b"k1") -> str:
@@ -118,7 +106,7 @@ def run_fb(root: Path, seed: Path | None, *extra: str) -> int:
     argv = ["--root", str(root), "--no-system", *extra]
     if seed is not None:
         argv += ["--seed-dir", str(seed)]
-    return fb.main(argv)
+    return fb_main.main(argv)
 
 
 def mode(p: Path) -> int:
@@ -527,14 +515,14 @@ def test_python_hook_in_a_fork_behaves_like_an_exec(root: Path, tmp_path: Path, 
     output are those of a fresh `python3 HOOK`."""
     hook = add_hook(root, "10-py", "")
     hook.write_text(PY_HOOK)
-    ctx = fb.Ctx(root=root, system=False)
+    ctx = context.Ctx(root=root, system=False)
     env = {"PATH": "/usr/bin:/bin", "X": "from-env", "HOW": how}
     seen = {}
     for kind in ("fork", "exec"):
         if kind == "exec":  # the same file, run the classic way
-            monkeypatch.setattr(fb, "PYTHON_SHEBANG", b"#!never\n")
+            monkeypatch.setattr(hooks, "PYTHON_SHEBANG", b"#!never\n")
         report = tmp_path / f"{kind}.json"
-        assert fb.run_hook(ctx, hook, {**env, "REPORT": str(report)}) == code
+        assert hooks.run_hook(ctx, hook, {**env, "REPORT": str(report)}) == code
         out, err = capfd.readouterr()
         assert "hook says hi" in out, (out, err)
         if how == "message":
@@ -594,7 +582,7 @@ def test_online_phase_retries_until_each_hook_succeeds(root: Path, tmp_path: Pat
     backoff, the next hook runs only once it succeeded, and the marker comes last."""
     monkeypatch.setenv("SOHOCLOUD_RUN_HOOKS", "1")
     sleeps: list[float] = []
-    monkeypatch.setattr(fb.time, "sleep", sleeps.append)
+    monkeypatch.setattr(hooks.time, "sleep", sleeps.append)
     count = root / "tries"
     add_online_hook(root, "10-join", f'echo x >> "{count}"\n[ "$(wc -l < "{count}")" -ge 3 ]\n')
     add_online_hook(root, "20-after", f'test -f "$SOHOCLOUD_SEED_JSON" && touch "{root}/after"\n')
@@ -605,7 +593,7 @@ def test_online_phase_retries_until_each_hook_succeeds(root: Path, tmp_path: Pat
     assert not online.exists()
     assert run_fb(root, None, "--phase", "online") == 0
     assert count.read_text().count("x") == 3 and (root / "after").exists()
-    assert sleeps == list(fb.ONLINE_BACKOFF_S[:2])
+    assert sleeps == list(hooks.ONLINE_BACKOFF_S[:2])
     assert online.read_text() == "iid-1\n"
     # Done: another boot runs no hook again.
     assert run_fb(root, make_seed(tmp_path / "seed")) == 0
@@ -757,21 +745,21 @@ def test_cidata_label_read_from_the_volume_itself(tmp_path: Path) -> None:
 
     root = make_root(tmp_path / "root")
     img = write_cidata(render_seed("node1", [KEY1]), tmp_path / "seed.img")
-    assert fb.read_fs_label(img) == "CIDATA"
+    assert sources.read_fs_label(img) == "CIDATA"
     # A fake /sys/class/block + /dev: vda is some other disk, vdb the seed.
     (root / "sys/class/block/vda").mkdir(parents=True)
     (root / "sys/class/block/vdb").mkdir(parents=True)
     (root / "dev").mkdir()
     (root / "dev/vda").write_bytes(b"\0" * 4096)
     shutil.copyfile(img, root / "dev/vdb")
-    ctx = fb.Ctx(root=root, system=False)
-    assert fb.scan_block_labels(ctx) == str(root / "dev/vdb")
+    ctx = context.Ctx(root=root, system=False)
+    assert sources.scan_block_labels(ctx) == str(root / "dev/vdb")
     (root / "dev/vdb").write_bytes(b"\0" * 4096)
-    assert fb.scan_block_labels(ctx) is None
+    assert sources.scan_block_labels(ctx) is None
 
 
 def test_fs_label_of_other_data_is_none(tmp_path: Path) -> None:
     p = tmp_path / "blob"
     p.write_bytes(os.urandom(40000))
-    assert fb.read_fs_label(p) is None
-    assert fb.read_fs_label(tmp_path / "missing") is None
+    assert sources.read_fs_label(p) is None
+    assert sources.read_fs_label(tmp_path / "missing") is None

@@ -6,7 +6,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from test_firstboot import fb  # tests/unit is on sys.path (pytest prepend import mode)
+from sohocloud_firstboot import context, growroot, scrub
+from sohocloud_firstboot import main as fb_main
 
 MIB = 2048  # sectors
 
@@ -29,7 +30,7 @@ def entry(m: bytes, n: int) -> tuple[int, int]:
 def test_last_partition_grows_to_the_end_of_the_card() -> None:
     card = 8 * 1024 * MIB  # an 8 GiB card
     old = mbr((0x0C, 1 * MIB, 256 * MIB), (0x83, 257 * MIB, 600 * MIB))
-    new = fb.mbr_grow(old, 2, card)
+    new = growroot.mbr_grow(old, 2, card)
     assert new is not None and len(new) == 512
     assert entry(new, 2) == (257 * MIB, card - 257 * MIB)
     assert entry(new, 1) == entry(old, 1)
@@ -38,25 +39,25 @@ def test_last_partition_grows_to_the_end_of_the_card() -> None:
 
 def test_end_stays_on_a_mib_boundary() -> None:
     card = 8 * 1024 * MIB + 777  # odd card size
-    new = fb.mbr_grow(mbr((0x83, 16 * MIB, 100 * MIB)), 1, card)
+    new = growroot.mbr_grow(mbr((0x83, 16 * MIB, 100 * MIB)), 1, card)
     start, size = entry(new, 1)
     assert (start + size) % MIB == 0 and start + size <= card
 
 
 def test_nothing_to_do() -> None:
     grown = mbr((0x83, 1 * MIB, 100 * MIB))
-    assert fb.mbr_grow(grown, 1, 101 * MIB + 100) is None  # less than 1 MiB to gain
-    assert fb.mbr_grow(mbr((0x83, 1 * MIB, 100 * MIB), (0x0C, 200 * MIB, 10 * MIB)), 1, 9999 * MIB) is None
-    assert fb.mbr_grow(mbr((0xEE, 1, 2**32 - 1)), 1, 9999 * MIB) is None  # a GPT's protective MBR
-    assert fb.mbr_grow(b"\0" * 512, 1, 9999 * MIB) is None  # no MBR signature
-    assert fb.mbr_grow(grown, 3, 9999 * MIB) is None  # empty entry
+    assert growroot.mbr_grow(grown, 1, 101 * MIB + 100) is None  # less than 1 MiB to gain
+    assert growroot.mbr_grow(mbr((0x83, 1 * MIB, 100 * MIB), (0x0C, 200 * MIB, 10 * MIB)), 1, 9999 * MIB) is None
+    assert growroot.mbr_grow(mbr((0xEE, 1, 2**32 - 1)), 1, 9999 * MIB) is None  # a GPT's protective MBR
+    assert growroot.mbr_grow(b"\0" * 512, 1, 9999 * MIB) is None  # no MBR signature
+    assert growroot.mbr_grow(grown, 3, 9999 * MIB) is None  # empty entry
 
 
 def test_grow_root_skipped_without_the_image_flag(tmp_path: Path) -> None:
-    ctx = fb.Ctx(root=tmp_path, system=True)
+    ctx = context.Ctx(root=tmp_path, system=True)
     (tmp_path / "etc/sohocloud").mkdir(parents=True)
     (tmp_path / "etc/sohocloud/image.json").write_text('{"grow_root": false}')
-    fb.grow_root(ctx)  # would need /dev and /sys otherwise: returns before touching them
+    growroot.grow_root(ctx)  # would need /dev and /sys otherwise: returns before touching them
 
 
 def seed_dir(root: Path, iid: str) -> Path:
@@ -72,10 +73,10 @@ def seed_dir(root: Path, iid: str) -> Path:
 
 def test_secrets_leave_the_card_once_both_phases_are_done(tmp_path: Path, capsys) -> None:
     d = seed_dir(tmp_path, "pi1-abc")
-    ctx = fb.Ctx(root=tmp_path, system=False)
-    fb.scrub_seed_dirs(ctx, "pi1-other")  # another instance's seed: left alone
+    ctx = context.Ctx(root=tmp_path, system=False)
+    scrub.scrub_seed_dirs(ctx, "pi1-other")  # another instance's seed: left alone
     assert "TOPSECRET-KEY" in (d / "user-data").read_text()
-    fb.scrub_seed_dirs(ctx, "pi1-abc")
+    scrub.scrub_seed_dirs(ctx, "pi1-abc")
     text = (d / "user-data").read_text()
     assert "TOPSECRET" not in text and text.startswith("#cloud-config\n") and "pi1-abc" in text
     assert (d / "meta-data").read_text().startswith("instance-id: pi1-abc")  # later boots still match
@@ -85,10 +86,10 @@ def test_secrets_leave_the_card_once_both_phases_are_done(tmp_path: Path, capsys
 
 def test_online_phase_end_scrubs_and_the_next_boot_is_done(tmp_path: Path) -> None:
     d = seed_dir(tmp_path, "pi1-abc")
-    ctx = fb.Ctx(root=tmp_path, system=False)
-    for marker in (fb.MARKER, fb.HANDOFF):
+    ctx = context.Ctx(root=tmp_path, system=False)
+    for marker in (context.MARKER, context.HANDOFF):
         (tmp_path / marker).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / marker).write_text("pi1-abc\n")
-    assert fb.online_phase(ctx) == 0
+    assert fb_main.online_phase(ctx) == 0
     assert "TOPSECRET" not in (d / "user-data").read_text()
-    assert fb.firstboot(fb.Ctx(root=tmp_path, system=False), None, "all") == 0  # "already done"
+    assert fb_main.firstboot(context.Ctx(root=tmp_path, system=False), None, "all") == 0  # "already done"

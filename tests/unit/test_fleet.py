@@ -11,9 +11,10 @@ import pytest
 import yaml
 from cryptography import x509
 
-from builder.fleet import SiteSecrets, node_network, write_node_seed
+from builder.fleet.secrets import SiteSecrets
+from builder.fleet.seeds import node_network, write_node_seed
 from builder.seed import read_cidata
-from builder.site import load_site
+from builder.fleet.sitefile import load_site
 
 from test_site import GATEWAYS, GOOD, ROLES  # tests/unit is on sys.path (pytest prepend import mode)
 
@@ -88,8 +89,8 @@ def _cfg(slug: str, arch: str):
 def test_build_lanes_run_foreign_arch_images_beside_native_ones_each_in_order() -> None:
     import threading
 
-    from builder.cli import build_lanes
-    from builder.s2_rootfs import HOST_ARCH
+    from builder.fleet.build import build_lanes
+    from builder.image.distro.foreign import HOST_ARCH
 
     other = "arm64" if HOST_ARCH != "arm64" else "amd64"
     cfgs = [_cfg("n1", HOST_ARCH), _cfg("f1", other), _cfg("n2", HOST_ARCH), _cfg("f2", other)]
@@ -107,9 +108,9 @@ def test_build_lanes_run_foreign_arch_images_beside_native_ones_each_in_order() 
 
 
 def test_build_lanes_stop_after_a_failure_and_raise_it() -> None:
-    from builder.cli import build_lanes
+    from builder.fleet.build import build_lanes
     from builder.errors import SohoError
-    from builder.s2_rootfs import HOST_ARCH
+    from builder.image.distro.foreign import HOST_ARCH
 
     other = "arm64" if HOST_ARCH != "arm64" else "amd64"
     built: list[str] = []
@@ -127,8 +128,8 @@ def test_build_lanes_stop_after_a_failure_and_raise_it() -> None:
 def test_build_lanes_one_arch_builds_in_order_in_this_thread() -> None:
     import threading
 
-    from builder.cli import build_lanes
-    from builder.s2_rootfs import HOST_ARCH
+    from builder.fleet.build import build_lanes
+    from builder.image.distro.foreign import HOST_ARCH
 
     seen = []
     build_lanes("office", [_cfg("a", HOST_ARCH), _cfg("b", HOST_ARCH)],
@@ -143,7 +144,7 @@ def _boots(behaviour: dict[str, float | str]):
     import time as _time
 
     from builder.errors import SohoError
-    from builder.fleet_run import Aborted
+    from builder.errors import Aborted
 
     abort = threading.Event()
     waited: dict[str, str] = {}
@@ -171,7 +172,7 @@ def test_a_failed_boot_stops_the_others_and_is_the_error_raised() -> None:
     from types import SimpleNamespace
 
     from builder.errors import SohoError
-    from builder.fleet_run import boot_in_parallel
+    from builder.fleet.up import boot_in_parallel
 
     nodes = [SimpleNamespace(name=n) for n in ("ws1", "nas", "pc1")]
     boot, abort, waited = _boots({"ws1": 30, "nas": "fails", "pc1": 30})
@@ -188,7 +189,8 @@ def test_a_failed_boot_stops_the_others_and_is_the_error_raised() -> None:
 
 def test_wait_settled_names_the_late_node_with_its_consoles_failures(site, tmp_path):
     from builder.errors import SohoError
-    from builder.fleet_run import FleetPaths, wait_settled
+    from builder.fleet.running import FleetPaths
+    from builder.fleet.up import wait_settled
 
     paths = FleetPaths(tmp_path, site.name)
     paths.run.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Tier 1: the port scan and HTTP probe of `fleet test` (builder/fleet_check.py) against real sockets.
+"""Tier 1: the port scan and HTTP probe of `fleet test` (builder/fleet/checks.py) against real sockets.
 
 It runs in a throwaway network namespace with only loopback and a few listeners, so
 what it reports is exactly what this test opened (nothing else of the host is in there).
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from builder.fleet_check import CheckFailed, http_status, scan_ports
+from builder.fleet.checks import CheckFailed, http_status, scan_ports
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ip netns)")
 

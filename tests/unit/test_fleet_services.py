@@ -18,19 +18,12 @@ import pytest
 import yaml
 
 from builder.errors import SohoError
-from builder.fleet import (
-    SeedContext,
-    SiteSecrets,
-    find_providers,
-    node_settings,
-    service_sections,
-    ssha,
-    write_node_seed,
-)
-from builder.s1_resolve import Repo, resolve
-from builder.schema import Profile
+from builder.fleet.secrets import SiteSecrets
+from builder.fleet.seeds import SeedContext, find_providers, node_settings, service_sections, ssha, write_node_seed
+from builder.image.s1_resolve import Repo, resolve
+from builder.image.schema import Profile
 from builder.seed import read_cidata
-from builder.site import Cluster, K3sArtifacts, Site, SiteNode, load_site
+from builder.fleet.sitefile import Cluster, K3sArtifacts, Site, SiteNode, load_repo_site
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "sites" / "example.yaml"
@@ -46,7 +39,7 @@ HAVE_FAT = all(shutil.which(t) or shutil.which(t, path="/usr/sbin:/sbin") for t 
 def load_example(path: Path = EXAMPLE) -> tuple[Site, dict[str, Profile]]:
     """sites/example.yaml (or a variant of it) and the resolved profiles of its roles."""
     repo = Repo(REPO)
-    site = load_site(path, known_roles=repo.roles(), gateway_roles=repo.gateway_roles(), repo_root=REPO)
+    site = load_repo_site(repo, str(path))
     return site, {role: resolve(repo, role).profile for role in SITE_ROLES}
 
 
@@ -125,7 +118,7 @@ def test_used_service_without_provider(site, profiles, drop, expect):
 
 def test_missing_provider_hint_with_the_profiles_fleet_build_loads(site, profiles):
     """cmd_fleet_build passes every role's profile (not only the site's), so the hint names the provider role."""
-    from builder.s1_resolve import load_profile
+    from builder.image.s1_resolve import load_profile
 
     small = with_nodes(site, drop=("nas",))
     repo = Repo(REPO)

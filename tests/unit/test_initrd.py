@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import SohoError
-from builder.s4_initrd import (INIT_SCRIPT, UDHCPC_SCRIPT, Cpio, build_initrd, find_kernel, module_closure,
-                               parse_modules_dep, parse_softdeps)
+from builder.image.s4_initrd import (Cpio, INIT_SCRIPT, UDHCPC_SCRIPT, build_initrd, find_kernel, module_closure,
+                                     parse_modules_dep, parse_softdeps)
 
 KVER = "6.1.0-99-amd64"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConfigError, SohoError
-from builder.fleet import k3s_files
-from builder.s1_resolve import ExtraFile
-from builder.s3_customise import install_extra_files
-from builder.site import load_site
+from builder.fleet.build import k3s_files
+from builder.image.s1_resolve import ExtraFile
+from builder.image.s3_customise import install_extra_files
+from builder.fleet.sitefile import load_site
 
 REPO = Path(__file__).resolve().parents[2]
 LIB = REPO / "firstboot"

@@ -1,4 +1,4 @@
-"""Tier 1: container roles as OCI archives (builder/s5_oci.py) and their target checks."""
+"""Tier 1: container roles as OCI archives (builder/image/s5_assemble/oci.py) and their target checks."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConfigError
-from builder.s1_resolve import Repo, resolve
-from builder.s5_oci import image_config, write_oci_archive
-from builder.schema import ContainerConfig
+from builder.image.s1_resolve import Repo, resolve
+from builder.image.s5_assemble.oci import image_config, write_oci_archive
+from builder.image.schema import ContainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCH = 1_700_000_000

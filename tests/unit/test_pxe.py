@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConfigError
-from builder.fleet_pxe import site_boot_script
-from builder.pipeline import artefact_path
-from builder.s1_resolve import Repo, resolve
-from builder.s3_customise import fstab
-from builder.s5_assemble import identity, netboot_files, publish_dir
-from builder.schema import QemuSpec
-from builder.site import Site, SiteNode
-from builder.vm import Nic, qemu_argv
+from builder.fleet.pxe import site_boot_script
+from builder.image.s5_assemble import artefact_path
+from builder.image.s1_resolve import Repo, resolve
+from builder.image.s3_customise import fstab
+from builder.image.identity import identity
+from builder.image.s5_assemble.bootloader import netboot_files
+from builder.image.s5_assemble.fs import publish_dir
+from builder.image.schema import QemuSpec
+from builder.fleet.sitefile import Site, SiteNode
+from builder.machine.qemu import Nic, qemu_argv
 from repo_edit import edit  # tests/unit is on sys.path (prepend import mode)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

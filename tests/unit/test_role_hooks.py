@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from test_fleet_services import EXAMPLE, NODES, REPO, load_example, seed_block  # a sibling: tests/unit is on sys.path
 
-from builder.fleet import SiteSecrets
+from builder.fleet.secrets import SiteSecrets
 from builder.seed import render_seed
 
 OVERLAYS = REPO / "overlays"

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 
-from builder import s2_rootfs
-from builder.cache import StageCache
+from builder.image.distro import debian
+from builder.image.cache import StageCache
 
 
 def _tar(tree: Path, out: Path) -> None:
@@ -23,8 +23,8 @@ def _names(tar: Path) -> list[str]:
 
 def test_python_tag_from_member_names():
     names = ["./", "./usr/lib/python3/", "./usr/lib/python3.9/", "./usr/lib/python3.11/", "./usr/lib/python3.11/os.py"]
-    assert s2_rootfs.image_python_tag_from_names(names) == "cpython-311"
-    assert s2_rootfs.image_python_tag_from_names(["./", "./usr/lib/", "./usr/lib/python3/"]) is None
+    assert debian.image_python_tag_from_names(names) == "cpython-311"
+    assert debian.image_python_tag_from_names(["./", "./usr/lib/", "./usr/lib/python3/"]) is None
 
 
 def test_compile_appends_checked_hash_pyc_for_stdlib_dist_packages_and_the_etc_link(tmp_path):
@@ -44,7 +44,7 @@ def test_compile_appends_checked_hash_pyc_for_stdlib_dist_packages_and_the_etc_l
     _tar(tree, tar)
     before = _names(tar)
 
-    s2_rootfs._compile_python_in_tar(tar, StageCache(tmp_path / "cache"))
+    debian.compile_python_in_tar(tar, StageCache(tmp_path / "cache"))
 
     names = _names(tar)
     assert names[: len(before)] == before  # appended, nothing rewritten
@@ -73,11 +73,11 @@ def test_compile_leaves_a_tree_without_python_alone(tmp_path):
     tar = tmp_path / "rootfs.tar"
     _tar(tree, tar)
     data = tar.read_bytes()
-    s2_rootfs._compile_python_in_tar(tar, StageCache(tmp_path / "cache"))
+    debian.compile_python_in_tar(tar, StageCache(tmp_path / "cache"))
     assert tar.read_bytes() == data
 
 
-NATIVE = Path(s2_rootfs.__file__).parent / "native"
+NATIVE = debian.NATIVE_HELPERS
 
 
 def _fake_deb(archives: Path, package: str, version: str) -> None:

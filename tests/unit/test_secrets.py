@@ -9,8 +9,8 @@ import stat
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from builder.secrets import (ensure_secret, issue_cert, make_ca, random_secret, wireguard_keypair,
-                             wireguard_public, write_secret)
+from builder.fleet.secrets import (ensure_secret, issue_cert, make_ca, random_secret, wireguard_keypair,
+                                   wireguard_public, write_secret)
 
 
 def test_wireguard_keypair_matches_and_is_32_bytes():
@@ -71,8 +71,8 @@ def test_node_certificate_reissued_when_it_no_longer_fits(tmp_path):
     """Same CA, same names: reused. New domain or address, or a new CA: a fresh certificate."""
     import dataclasses
 
-    from builder.fleet import SiteSecrets, cert_fits
-    from builder.site import Site, SiteNode
+    from builder.fleet.secrets import SiteSecrets, cert_fits
+    from builder.fleet.sitefile import Site, SiteNode
 
     node = SiteNode(name="control", role="control", address="10.44.0.2", mac="52:54:00:44:00:02")
     site = Site(name="t", domain="t.lan", lan="10.44.0.0/24", admin_ssh_keys=("k",), nodes=(node,))

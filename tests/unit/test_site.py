@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConfigError
-from builder.site import load_site
+from builder.fleet.sitefile import load_site
 
 ROLES = ["router", "control", "storage", "workstation-host"]
 GATEWAYS = ["router"]

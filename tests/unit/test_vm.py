@@ -1,4 +1,4 @@
-"""builder.vm without booting: overlays and what a console says about a boot."""
+"""builder.machine.qemu without booting: overlays and what a console says about a boot."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import builder.vm
-from builder.schema import QemuSpec
-from builder.vm import VM, Nic, make_overlay, qemu_argv
+import builder.machine.qemu
+from builder.image.schema import QemuSpec
+from builder.machine.qemu import Nic, VM, make_overlay, qemu_argv
 
 
 def test_overlay_on_a_relative_base_opens_from_any_folder(tmp_path: Path, monkeypatch) -> None:
@@ -70,7 +70,7 @@ def test_a_boot_failure_report_leads_with_systemds_failures(tmp_path: Path) -> N
 
 def test_a_starved_boot_is_powered_on_once_more_a_broken_one_is_not(tmp_path: Path) -> None:
     from builder.errors import Aborted, SohoError
-    from builder.vm import once_more_after_hiccup
+    from builder.machine.qemu import once_more_after_hiccup
 
     class FakeVM(VM):
         starts = stops = 0
@@ -113,8 +113,8 @@ def test_a_starved_boot_is_powered_on_once_more_a_broken_one_is_not(tmp_path: Pa
 @pytest.mark.parametrize("kvm, expected", [(False, "qemu64"), (True, "max")])
 def test_a_target_may_give_tcg_its_own_cpu(monkeypatch, kvm: bool, expected: str) -> None:
     """`tcg_cpu` (emulated SIMD is slow: the plain CPU under TCG), `cpu` with a usable KVM."""
-    monkeypatch.setattr(builder.vm, "usable_kvm", lambda: kvm)
-    monkeypatch.setattr(builder.vm.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
+    monkeypatch.setattr(builder.machine.qemu, "usable_kvm", lambda: kvm)
+    monkeypatch.setattr(builder.machine.qemu.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
     spec = QemuSpec(binary="qemu-system-x86_64", machine="q35", cpu="max", tcg_cpu="qemu64", nic_addrs=("0x3",))
     argv = qemu_argv(spec, "amd64", None, nics=[Nic("user")], netboot=True)
     assert argv[argv.index("-cpu") + 1] == expected
@@ -122,3 +122,49 @@ def test_a_target_may_give_tcg_its_own_cpu(monkeypatch, kvm: bool, expected: str
     plain = QemuSpec(binary="qemu-system-x86_64", machine="q35", cpu="max", nic_addrs=("0x3",))
     argv = qemu_argv(plain, "amd64", None, nics=[Nic("user")], netboot=True)
     assert argv[argv.index("-cpu") + 1] == "max"
+
+
+# --------------------------------------------------------------------------- how to boot: the manifest only
+
+
+def _built_image(tmp_path: Path, **manifest) -> Path:
+    image = tmp_path / "out" / "r-debian-amd64-qemu.qcow2"
+    image.parent.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)
+    qemu = {"binary": "/recorded/qemu-system-x86_64", "machine": "recorded-machine", "cpu": "max",
+            "tcg_cpu": "qemu64", "firmware_code": "/recorded/CODE.fd", "firmware_vars": str(tmp_path / "VARS.fd"),
+            "nic_device": "virtio-net-pci", "nic_addrs": ["0x3", "0x4"], "console": "ttyS0", "append": ""}
+    (tmp_path / "VARS.fd").write_bytes(b"\0" * 4096)
+    base = {"artefact": image.name, "arch": "amd64", "target": "qemu", "interfaces": ["wan", "lan"],
+            "bootloader": "systemd-boot", "partitions": [], "qemu": qemu}
+    (image.parent / (image.name + ".manifest.json")).write_text(json.dumps({**base, **manifest}))
+    return image
+
+
+def test_a_vm_boots_as_its_manifest_says_never_reading_the_targets_yaml(tmp_path: Path, monkeypatch) -> None:
+    """`sohocloud boot` and `fleet up` take the QEMU machine, firmware and NIC slots from the image's
+    manifest: with no repository at all (and a target file that would say otherwise), the
+    recorded ones are used."""
+    monkeypatch.setenv("SOHOCLOUD_REPO", str(tmp_path / "no-repo"))
+    image = _built_image(tmp_path)
+    vm = VM(image, [Nic("user"), Nic("user")], firmware="uefi", workdir=tmp_path / "vm")
+    vm.workdir.mkdir()
+    argv = vm.argv()
+    assert argv[0] == "/recorded/qemu-system-x86_64"
+    assert argv[argv.index("-machine") + 1] == "recorded-machine"
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/recorded/CODE.fd" in argv
+    assert [a for a in argv if a.startswith("virtio-net-pci")] == [
+        "virtio-net-pci,netdev=n0,mac=52:54:00:5c:00:01,addr=0x3",
+        "virtio-net-pci,netdev=n1,mac=52:54:00:5c:00:02,addr=0x4"]
+
+
+def test_an_image_whose_manifest_does_not_say_how_to_boot_it_is_refused(tmp_path: Path) -> None:
+    from builder.errors import SohoError
+
+    image = _built_image(tmp_path, qemu=None)
+    vm = VM(image, [Nic("user")], firmware="uefi", workdir=tmp_path / "vm")
+    with pytest.raises(SohoError, match="does not say how QEMU runs it.*rebuild it"):
+        vm.argv()
+    bad = _built_image(tmp_path / "b", qemu={"binary": "qemu", "machine": 5})
+    with pytest.raises(SohoError, match=r"qemu\.machine: expected a string"):
+        VM(bad, [Nic("user")], firmware="uefi", workdir=tmp_path / "vm").argv()

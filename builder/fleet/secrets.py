@@ -1,0 +1,177 @@
+"""Site secrets: generated once per site with `cryptography` into secrets/<site>/ (0600 files in a
+0700 tree, git-ignored), reused on the next run, never logged. They reach a node only inside its
+seed (fleet/seeds.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import ipaddress as _ip
+import os
+import secrets as _secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..errors import SohoError
+from .sitefile import Site, SiteNode
+
+def wireguard_keypair() -> tuple[str, str]:
+    """(private, public) in WireGuard's base64 form."""
+    key = X25519PrivateKey.generate()
+    priv = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(priv).decode(), base64.b64encode(pub).decode()
+
+
+def wireguard_public(private_b64: str) -> str:
+    key = X25519PrivateKey.from_private_bytes(base64.b64decode(private_b64))
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(pub).decode()
+
+
+def write_secret(path: Path, data: str | bytes) -> None:
+    """Create *path* 0600 from the start (never briefly world-readable), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name("." + path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- site PKI
+
+CA_DAYS = 3650
+CERT_DAYS = 825
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_ca(common_name: str) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) of a new site CA (EC P-256, path length 0)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _dt.datetime.now(_dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
+            .not_valid_after(now + _dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def issue_cert(ca_key_pem: bytes, ca_cert_pem: bytes, common_name: str, *, dns: list[str],
+               ips: list[str]) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) for a node: server and client auth, SANs for its names and addresses."""
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _dt.datetime.now(_dt.timezone.utc)
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(_ip.ip_address(a)) for a in ips]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
+            .not_valid_after(now + _dt.timedelta(days=CERT_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def random_secret(nbytes: int = 32) -> str:
+    return _secrets.token_urlsafe(nbytes)
+
+
+def ensure_secret(path: Path, make) -> bytes:
+    """The secret at *path*, created once with make() (str/bytes) and reused afterwards."""
+    if path.is_file():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)  # tighten a secret someone loosened
+        return path.read_bytes()
+    data = make()
+    write_secret(path, data)
+    return data.encode() if isinstance(data, str) else data
+
+
+# --------------------------------------------------------------------------- a site's secrets
+
+
+@dataclass(frozen=True)
+class SiteSecrets:
+    root: Path  # secrets/<site>
+
+    def ca(self) -> tuple[bytes, bytes]:
+        key_path, cert_path = self.root / "ca.key", self.root / "ca.crt"
+        if key_path.is_file() != cert_path.is_file():
+            raise SohoError(f"{self.root}: ca.key and ca.crt must both exist or both be absent: restore the "
+                            "missing one (every node certificate depends on this CA), or remove both for a new CA")
+        if not key_path.is_file():
+            key, cert = make_ca(f"sohocloud {self.root.name} site CA")
+            ensure_secret(key_path, lambda: key)
+            ensure_secret(cert_path, lambda: cert)
+        return key_path.read_bytes(), cert_path.read_bytes()
+
+    def node_tls(self, site: Site, node: SiteNode) -> tuple[bytes, bytes]:
+        """The node's key and certificate (server + client auth) from the site CA."""
+        d = self.root / "nodes"
+        key_path, cert_path = d / f"{node.name}.key", d / f"{node.name}.crt"
+        dns, ips = [node.name, f"{node.name}.{site.domain}"], [node.address]
+        if not (key_path.is_file() and cert_path.is_file()) or not cert_fits(cert_path.read_bytes(), self.ca()[1],
+                                                                             dns, ips):
+            # A lone key or certificate is useless, and one from another CA, for other
+            # names or about to expire is wrong: issue a fresh pair.
+            key_path.unlink(missing_ok=True)
+            cert_path.unlink(missing_ok=True)
+            ca_key, ca_cert = self.ca()
+            key, cert = issue_cert(ca_key, ca_cert, node.name, dns=dns, ips=ips)
+            ensure_secret(key_path, lambda: key)
+            ensure_secret(cert_path, lambda: cert)
+        return key_path.read_bytes(), cert_path.read_bytes()
+
+    def wireguard(self, node: SiteNode) -> tuple[str, str]:
+        priv = ensure_secret(self.root / "wireguard" / f"{node.name}.key", lambda: wireguard_keypair()[0])
+        priv_s = priv.decode().strip()
+        return priv_s, wireguard_public(priv_s)
+
+    def secret(self, name: str) -> str:
+        return ensure_secret(self.root / f"{name}.secret", random_secret).decode().strip()
+
+    def user_password(self, user: str) -> str:
+        """A person's initial password (SMB, and LDAP unless the site gives a hash): hand it to them."""
+        return ensure_secret(self.root / "users" / f"{user}.password", random_secret).decode().strip()
+
+
+def cert_fits(cert_pem: bytes, ca_pem: bytes, dns: list[str], ips: list[str], margin_days: int = 30) -> bool:
+    """The node certificate is signed by this CA, names exactly these DNS names and IPs, and is not about to expire."""
+    cert, ca = x509.load_pem_x509_certificate(cert_pem), x509.load_pem_x509_certificate(ca_pem)
+    try:
+        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+    except Exception:  # noqa: BLE001 - any failure means: not this CA's
+        return False
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names_ok = (sorted(san.get_values_for_type(x509.DNSName)) == sorted(dns)
+                and sorted(map(str, san.get_values_for_type(x509.IPAddress))) == sorted(str(_ip.ip_address(i))
+                                                                                        for i in ips))
+    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
+    return names_ok and expires - _dt.datetime.now(_dt.timezone.utc) > _dt.timedelta(days=margin_days)

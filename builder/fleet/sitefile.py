@@ -1,0 +1,243 @@
+"""A site: one YAML file describing the office (nodes, LAN, users, cluster).
+
+Validated like profiles (file:line, key, expectation) before anything is
+built; the result is one frozen Site object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sohocloud_firstboot.seedrules import LABEL_RE, is_public_key
+
+from ..errors import ConfigError
+from ..image.config import Repo
+from ..image.s1_resolve import gateway_roles
+from ..image.schema import ARCHES, Validator
+from ..image.yamlsrc import Origin, load_yaml
+
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+NAME_RE = re.compile(f"^{LABEL_RE.pattern}$")  # the rule the nodes' hooks check a seed's names with
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CRYPT_RE = re.compile(r"\$[0-9a-z]+\$[A-Za-z0-9./$]+")  # the same form firstboot accepts ({CRYPT})
+# People and groups live above the image's own accounts (admin is 1000, service
+# accounts below): a person can never share an id with a local account.
+SITE_IDS = range(2000, 60000)
+# Local account and group names of the images: a person named like one would
+# shadow it through sssd.
+RESERVED_NAMES = frozenset({"root", "admin", "git", "syncthing", "nobody", "daemon", "openldap", "prometheus",
+                            "sudo", "staff", "users", "docker", "ssh", "systemd-journal"})
+
+
+@dataclass(frozen=True)
+class SiteNode:
+    name: str
+    role: str
+    address: str  # LAN address, without prefix
+    mac: str
+    target: str = "qemu"
+    arch: str = "amd64"
+    # The firmware `fleet up` gives a diskless (netboot) node's VM: a real PC's is its own.
+    firmware: Literal["uefi", "bios"] = "uefi"
+
+
+@dataclass(frozen=True)
+class LdapGroup:
+    name: str
+    gid: int
+
+
+@dataclass(frozen=True)
+class LdapUser:
+    name: str
+    uid: int
+    groups: tuple[str, ...] = ()
+    ssh_keys: tuple[str, ...] = ()
+    password_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class K3sArtifacts:
+    binary: str
+    binary_sha256: str
+    images: str
+    images_sha256: str
+
+
+@dataclass(frozen=True)
+class Cluster:
+    engine: Literal["swarm", "k3s"] = "swarm"
+    k3s: K3sArtifacts | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    domain: str
+    lan: str  # CIDR of the office LAN
+    admin_ssh_keys: tuple[str, ...]
+    nodes: tuple[SiteNode, ...]
+    cluster: Cluster = Cluster()
+    groups: tuple[LdapGroup, ...] = ()
+    users: tuple[LdapUser, ...] = ()
+    gateway: str = ""  # name of the node whose role is the gateway (set by load_site, not in YAML)
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.lan)
+
+    def node(self, name: str) -> SiteNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(f"site '{self.name}' has no node '{name}' (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def nodes_with_role(self, role: str) -> list[SiteNode]:
+        return [n for n in self.nodes if n.role == role]
+
+    def builds(self) -> list[tuple[str, str, str]]:
+        """Each (role, arch, target) the site needs, once."""
+        return sorted({(n.role, n.arch, n.target) for n in self.nodes})
+
+
+def site_path(repo_root: Path, site: str) -> Path:
+    """A site given by name (sites/<name>.yaml) or by path."""
+    p = Path(site)
+    if p.suffix in (".yaml", ".yml") or "/" in site:
+        return p
+    return repo_root / "sites" / f"{site}.yaml"
+
+
+def load_site(path: Path, *, known_roles: list[str], gateway_roles: list[str],
+              repo_root: Path | None = None) -> Site:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such site file")
+    doc = load_yaml(path)
+    v = Validator(doc.origins, Origin(path, 1))
+    data = dict(doc.data)
+    if "site" in data:
+        data["name"] = data.pop("site")
+        if ("site",) in doc.origins:
+            doc.origins[("name",)] = doc.origins[("site",)]
+    if "gateway" in data:
+        v.fail(("gateway",), "unknown key 'gateway' (the gateway is the node whose role is one)")
+    site = v.build_dataclass(Site, data, ())
+    _check(site, v, known_roles, gateway_roles, path.parent if repo_root is None else repo_root)
+    gateway = next(n.name for n in site.nodes if n.role in gateway_roles)
+    return dataclasses.replace(site, gateway=gateway)
+
+
+def load_repo_site(repo: Repo, site: str) -> Site:
+    """The site named by *site* (a name in sites/ or a path), checked against the repo's roles."""
+    return load_site(site_path(repo.root, site), known_roles=repo.roles(), gateway_roles=gateway_roles(repo),
+                     repo_root=repo.root)
+
+
+def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list[str], base: Path) -> None:
+    if not NAME_RE.match(site.name):
+        v.fail(("site",), f"expected a lowercase DNS label for the site name, got {site.name!r}")
+    try:
+        net = ipaddress.IPv4Network(site.lan)
+    except ValueError as exc:
+        v.fail(("lan",), f"expected an IPv4 network like 10.44.0.0/24: {exc}")
+    if not site.admin_ssh_keys:
+        v.fail(("admin_ssh_keys",), "expected at least one admin SSH public key")
+    _check_nodes(site, v, net, known_roles)
+    gateways = [n for n in site.nodes if n.role in gateway_roles]
+    if len(gateways) != 1:
+        v.fail(("nodes",), f"expected exactly one node with a gateway role ({', '.join(gateway_roles)}), "
+               f"found {len(gateways)}")
+    _check_groups(site, v)
+    for i, key in enumerate(site.admin_ssh_keys):
+        if not is_public_key(key.strip()):
+            v.fail(("admin_ssh_keys", i), "expected an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
+    _check_users(site, v)
+    if site.cluster.engine == "k3s":
+        _check_k3s(site, v, base)
+
+
+def _check_nodes(site: Site, v: Validator, net: ipaddress.IPv4Network, known_roles: list[str]) -> None:
+    seen: dict[str, dict[str, int]] = {"name": {}, "mac": {}, "address": {}}
+    for i, node in enumerate(site.nodes):
+        where = ("nodes", i)
+        if not NAME_RE.match(node.name):
+            v.fail(where + ("name",), f"expected a lowercase DNS label, got {node.name!r}")
+        if node.role not in known_roles:
+            v.fail(where + ("role",), f"unknown role '{node.role}' (known: {', '.join(known_roles)})")
+        if node.arch not in ARCHES:
+            v.fail(where + ("arch",), f"expected one of {', '.join(ARCHES)}, got {node.arch!r}")
+        if not MAC_RE.match(node.mac):
+            v.fail(where + ("mac",), f"expected a lowercase MAC like 52:54:00:44:00:01, got {node.mac!r}")
+        try:
+            addr = ipaddress.IPv4Address(node.address)
+        except ValueError:
+            v.fail(where + ("address",), f"expected an IPv4 address, got {node.address!r}")
+        if addr not in net or addr in (net.network_address, net.broadcast_address):
+            v.fail(where + ("address",), f"{addr} is not a host address of the site LAN {net}")
+        if addr == net.broadcast_address - 1:
+            v.fail(where + ("address",), f"{addr} is reserved: the LAN's last address is the host's seat on a "
+                   "test LAN (fleet up)")
+        for key in ("name", "mac", "address"):
+            value = getattr(node, key)
+            if value in seen[key]:
+                v.fail(where + (key,), f"duplicate {key} {value!r} (also node {seen[key][value]})")
+            seen[key][value] = i
+
+
+def _check_groups(site: Site, v: Validator) -> None:
+    uids = {u.uid: u.name for u in site.users}
+    for i, g in enumerate(site.groups):
+        if g.gid not in SITE_IDS:
+            v.fail(("groups", i, "gid"), f"expected a gid from {SITE_IDS.start} to {SITE_IDS.stop - 1} "
+                   f"(below are the images' own accounts), got {g.gid}")
+        if g.name in RESERVED_NAMES or not NAME_RE.match(g.name):
+            v.fail(("groups", i, "name"), f"{g.name!r} is reserved or not a lowercase name")
+        if sum(1 for x in site.groups if x.gid == g.gid or x.name == g.name) > 1:
+            v.fail(("groups", i), f"duplicate group name or gid ({g.name}, {g.gid})")
+        if g.gid in uids:
+            # Every person has a private group with gid == uid (Debian's scheme).
+            v.fail(("groups", i, "gid"), f"gid {g.gid} is user {uids[g.gid]}'s uid (their private group)")
+
+
+def _check_users(site: Site, v: Validator) -> None:
+    gids = {g.name: g.gid for g in site.groups}
+    for i, user in enumerate(site.users):
+        for j, key in enumerate(user.ssh_keys):
+            if not is_public_key(key.strip()):
+                v.fail(("users", i, "ssh_keys", j), "expected an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
+        if user.password_hash is not None and not CRYPT_RE.fullmatch(user.password_hash):
+            v.fail(("users", i, "password_hash"), "expected a crypt(3) hash like $6$salt$... "
+                   "(e.g. from `mkpasswd -m sha-512`), not a password")
+        if not NAME_RE.match(user.name):
+            v.fail(("users", i, "name"), f"expected a lowercase login name, got {user.name!r}")
+        if user.uid not in SITE_IDS:
+            v.fail(("users", i, "uid"), f"expected a uid from {SITE_IDS.start} to {SITE_IDS.stop - 1} "
+                   f"(below are the images' own accounts), got {user.uid}")
+        if user.name in RESERVED_NAMES:
+            v.fail(("users", i, "name"), f"'{user.name}' is a local account or group of the images: choose another")
+        if sum(1 for x in site.users if x.uid == user.uid or x.name == user.name) > 1:
+            v.fail(("users", i), f"duplicate user name or uid ({user.name}, {user.uid})")
+        if user.name in gids:
+            v.fail(("users", i, "name"), f"'{user.name}' is also a group name (each person has a private group)")
+        for j, g in enumerate(user.groups):
+            if g not in gids:
+                v.fail(("users", i, "groups", j), f"unknown group '{g}' (declare it under groups)")
+
+
+def _check_k3s(site: Site, v: Validator, base: Path) -> None:
+    k = site.cluster.k3s
+    if k is None:
+        v.fail(("cluster", "engine"), "engine k3s needs cluster.k3s: {binary, binary_sha256, images, "
+               "images_sha256} (k3s is in no registry reachable here: supply its air-gap files)")
+    for key in ("binary", "images"):
+        path = (base / getattr(k, key)).resolve()
+        if not path.is_file():
+            v.fail(("cluster", "k3s", key), f"no such file: {path}")
+        digest = getattr(k, f"{key}_sha256")
+        if not SHA256_RE.match(digest):
+            v.fail(("cluster", "k3s", f"{key}_sha256"), "expected 64 lowercase hex digits")
