@@ -68,6 +68,7 @@ def fleet_build(repo: Repo, site_arg: str, out: Path, secrets_root: Path, *, use
     secrets = SiteSecrets(secrets_root / plan.site.name)
     cache = StageCache()
     build_lanes(plan.site.name, plan.cfgs, lambda cfg: build(cfg, out, cache=cache, use_cache=use_cache))
+    issue_second_factors(plan.site, secrets)
     seeds = write_seeds(plan, secrets, out)
     volume = write_pxe(plan, seeds, out)
     record = record_site(plan, out, seeds, volume)
@@ -134,6 +135,19 @@ def build_lanes(site_name: str, cfgs: list[BuildConfig], build_one: Callable[[Bu
         f.result()
 
 
+def issue_second_factors(site: Site, secrets: SiteSecrets) -> None:
+    """Each person's TOTP secret (made once) with its otpauth URI and QR code, when the site's desktop
+    sign-in asks for the second factor: secrets/<site>/users/<name>.totp{,.uri,.png}, for the admin
+    to hand over. Only for people group policy gives a desktop: nobody else signs in at a panel."""
+    if site.desktops.checker("otp") is None:
+        return
+    groups = {rule.group for rule in site.desktops.policy}
+    for user in (u for u in site.users if groups & set(u.groups)):
+        _secret, files = secrets.totp(site.name, user.name)
+        log.info("fleet %s: second factor for %s -> %s (QR code: %s)", site.name, user.name, files.secret.name,
+                 files.qr)
+
+
 def write_seeds(plan: SitePlan, secrets: SiteSecrets, out: Path) -> dict[str, Path]:
     """One seed per node (0600: it carries that node's keys): out/<site>/seeds/<node>.img."""
     site = plan.site
@@ -142,7 +156,8 @@ def write_seeds(plan: SitePlan, secrets: SiteSecrets, out: Path) -> dict[str, Pa
     netboot = frozenset(n.name for n in plan.netboot)
     seeds = {}
     for node in site.nodes:
-        seeds[node.name] = write_node_seed(site, node, secrets, folder, plan.profiles, site_text, netboot)
+        seeds[node.name] = write_node_seed(site, node, secrets, folder, plan.profiles, site_text, netboot,
+                                           plan.site_file.parent)
         log.info("fleet %s: seed for %s (%s) -> %s", site.name, node.name, node.role, seeds[node.name])
         cfg = plan.node_cfg(node)
         if "img.xz" in cfg.target.outputs:

@@ -254,8 +254,12 @@ def check_desktop_image(probe: FleetProbe) -> None:
                         "cat /etc/debian_version'", timeout=600).stdout
     expect("/usr/bin/Xvnc" in out, f"docker run: {out!r}")
     probe.ssh(ws, "sudo podman load -i /var/tmp/desktop-oci.tar && rm -f /var/tmp/desktop-oci.tar", timeout=DESKTOP_LOAD_TIMEOUT)
-    out = probe.ssh(ws, f"sudo podman run --rm --network none {tag} sh -c 'command -v openbox'", timeout=600).stdout
-    expect("/usr/bin/openbox" in out, f"podman run: {out!r}")
+    # Locked down (profiles/desktop.yaml): no setuid/setgid file, no package manager, sudo or compiler.
+    lockdown = ("find / -xdev -type f -perm /6000; "
+                "for t in apt apt-get dpkg dpkg-deb sudo cc gcc c++ tcc make; do command -v $t; done")
+    out = probe.ssh(ws, f"sudo podman run --rm --network none {tag} sh -c 'command -v openbox; {lockdown}'",
+                    timeout=600).stdout
+    expect(out.split() == ["/usr/bin/openbox"], f"podman run: openbox, and nothing of the lockdown list: {out!r}")
 
 
 # A full TCP connect scan from the host's seat on the site LAN (inside the site's namespace:

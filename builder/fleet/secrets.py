@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import io
 import ipaddress as _ip
 import os
 import secrets as _secrets
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import segno
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import SohoError
 from .sitefile import Site, SiteNode
+
 
 def wireguard_keypair() -> tuple[str, str]:
     """(private, public) in WireGuard's base64 form."""
@@ -44,6 +48,8 @@ def write_secret(path: Path, data: str | bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -62,7 +68,7 @@ def make_ca(common_name: str) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) of a new site CA (EC P-256, path length 0)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
             .not_valid_after(now + _dt.timedelta(days=CA_DAYS))
@@ -82,7 +88,7 @@ def issue_cert(ca_key_pem: bytes, ca_cert_pem: bytes, common_name: str, *, dns: 
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(_ip.ip_address(a)) for a in ips]
     cert = (x509.CertificateBuilder()
@@ -161,6 +167,50 @@ class SiteSecrets:
         """A person's initial password (SMB, and LDAP unless the site gives a hash): hand it to them."""
         return ensure_secret(self.root / "users" / f"{user}.password", random_secret).decode().strip()
 
+    def totp(self, site: str, user: str) -> tuple[str, TotpFiles]:
+        """A person's TOTP secret, made once; its URI and QR code are (re)written beside it when missing or
+        stale, for the admin to hand over (README: handing out the second factor)."""
+        d = self.root / "users"
+        files = TotpFiles(d / f"{user}.totp", d / f"{user}.totp.uri", d / f"{user}.totp.png")
+        secret = ensure_secret(files.secret, totp_secret).decode().strip()
+        uri = otpauth_uri(site, user, secret)
+        if not files.uri.is_file() or files.uri.read_text().strip() != uri or not files.qr.is_file():
+            write_secret(files.qr, qr_png(uri))
+            write_secret(files.uri, uri + "\n")
+        return secret, files
+
+
+# --------------------------------------------------------------------------- TOTP (RFC 6238)
+# The second factor at the desktop panels: SHA-1, 6 digits, 30 s, what every phone app reads.
+
+TOTP_BYTES = 20  # 160 bits, RFC 4226's recommended shared-secret length
+
+
+def totp_secret() -> str:
+    return base64.b32encode(_secrets.token_bytes(TOTP_BYTES)).decode()
+
+
+def otpauth_uri(site: str, user: str, secret_b32: str) -> str:
+    """The Key Uri Format phone apps scan (github.com/google/google-authenticator/wiki/Key-Uri-Format)."""
+    issuer = f"sohocloud {site}"
+    label = urllib.parse.quote(f"{issuer}:{user}")
+    query = urllib.parse.urlencode({"secret": secret_b32, "issuer": issuer, "algorithm": "SHA1", "digits": 6,
+                                    "period": 30}, quote_via=urllib.parse.quote)
+    return f"otpauth://totp/{label}?{query}"
+
+
+def qr_png(text: str) -> bytes:
+    buf = io.BytesIO()
+    segno.make(text, error="m", micro=False).save(buf, kind="png", scale=8, border=4)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class TotpFiles:
+    secret: Path  # secrets/<site>/users/<name>.totp: the base32 secret (what the panels check codes with)
+    uri: Path  # <name>.totp.uri: the otpauth:// URI (to type into an app)
+    qr: Path  # <name>.totp.png: the same URI as a QR code (to scan)
+
 
 def cert_fits(cert_pem: bytes, ca_pem: bytes, dns: list[str], ips: list[str], margin_days: int = 30) -> bool:
     """The node certificate is signed by this CA, names exactly these DNS names and IPs, and is not about to expire."""
@@ -173,5 +223,5 @@ def cert_fits(cert_pem: bytes, ca_pem: bytes, dns: list[str], ips: list[str], ma
     names_ok = (sorted(san.get_values_for_type(x509.DNSName)) == sorted(dns)
                 and sorted(map(str, san.get_values_for_type(x509.IPAddress))) == sorted(str(_ip.ip_address(i))
                                                                                         for i in ips))
-    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
-    return names_ok and expires - _dt.datetime.now(_dt.timezone.utc) > _dt.timedelta(days=margin_days)
+    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=_dt.UTC)
+    return names_ok and expires - _dt.datetime.now(_dt.UTC) > _dt.timedelta(days=margin_days)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SohoError
-from ..image.schema import Profile
+from ..image.schema import Profile, parse_size
 from ..seed import default_instance_id, render_seed, write_cidata
+from .desktops import parse_duration
 from .secrets import SiteSecrets
 from .sitefile import Site, SiteNode
 
@@ -53,6 +54,7 @@ class SeedContext:
     providers: dict[str, SiteNode]  # service -> node
     secrets: SiteSecrets
     site_text: str  # the site file as written (it contains no secrets)
+    site_dir: Path = Path(".")  # where the site's relative files are (desktops' htpasswd), as its checks found them
 
     def fqdn(self, node: SiteNode) -> str:
         return f"{node.name}.{self.site.domain}"
@@ -120,6 +122,36 @@ def _nas_server(c: SeedContext) -> dict[str, Any]:
                   for u in c.site.users]}}
 
 
+def _desk_broker(c: SeedContext) -> dict[str, Any]:
+    """The desktop broker's settings (sohocloud_desk.settings reads them): the rules from the site
+    file, and the people who may get a desktop with their TOTP secrets. Only the broker's node gets
+    these secrets; the panels on the (possibly diskless) PCs ask it."""
+    d = c.site.desktops
+    groups = {rule.group for rule in d.policy}
+    checkers: dict[str, Any] = {}
+    if d.checker("ldap"):
+        checkers["ldap"] = {"uri": f"ldaps://{c.where('ldap')['fqdn']}", "base_dn": base_dn(c.site.domain)}
+    if d.checker("htpasswd"):
+        checkers["htpasswd"] = {"text": (c.site_dir / d.checker("htpasswd").file).read_text()}
+    people = [{"name": u.name, "uid": u.uid, "groups": list(u.groups),
+               **({"totp": c.secrets.totp(c.site.name, u.name)[0]} if d.checker("otp") else {})}
+              for u in c.site.users if groups & set(u.groups)]
+    return {"desk_broker": {
+        "rules": {"otp": d.checker("otp") is not None, "tokens": d.checker("token") is not None,
+                  "second_sign_in": d.second_sign_in, "host_reserve": parse_size(d.host_reserve),
+                  "idle_timeout": parse_duration(d.idle_timeout),
+                  "disconnect_timeout": parse_duration(d.disconnect_timeout),
+                  "token_max_days": d.tokens.max_days,
+                  "policy": [{"group": r.group, "machine": r.machine, "network": r.network} for r in d.policy],
+                  "machine_types": {name: {"cpus": str(m.cpus), "memory": m.memory, "pids": m.pids}
+                                    for name, m in d.types().items()}},
+        "checkers": checkers,
+        "people": people,
+        "token_key": c.secrets.secret("desk-token-key"),
+        "hosts": [{"name": n.name, "fqdn": c.fqdn(n), "address": n.address} for n in c.site.nodes
+                  if c.profiles[n.role].consumes("desktops")]}}
+
+
 def _metrics_server(c: SeedContext) -> dict[str, Any]:
     targets = [{"fqdn": c.fqdn(n), "port": EXPORTER_PORT} for n in c.site.nodes
                if c.profiles[n.role].consumes("metrics")]
@@ -145,6 +177,7 @@ def _cluster_client(c: SeedContext) -> dict[str, Any]:
 
 PROVIDER_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "cluster": _cluster_manager,
+    "desktops": _desk_broker,
     "git": lambda c: {"git_server": {"site_file": c.site_text, "keys": list(c.site.admin_ssh_keys)}},
     "ldap": _ldap_server,
     "logs": lambda c: {},
@@ -154,6 +187,7 @@ PROVIDER_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
 }
 CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "cluster": _cluster_client,
+    "desktops": lambda c: {"desk": {"broker": c.where("desktops")}},
     "git": lambda c: {},
     "ldap": _ldap_client,
     "logs": lambda c: {"logs": {"host": c.where("logs")["fqdn"], "port": LOGS_PORT}},
@@ -217,10 +251,10 @@ def node_settings(site: Site, node: SiteNode, secrets: SiteSecrets, services: Se
 
 def write_node_seed(site: Site, node: SiteNode, secrets: SiteSecrets, out_dir: Path,
                     profiles: dict[str, Profile] | None = None, site_text: str = "",
-                    netboot: frozenset[str] = frozenset()) -> Path:
+                    netboot: frozenset[str] = frozenset(), site_dir: Path = Path(".")) -> Path:
     services = None
     if profiles is not None:
-        services = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, site_text)
+        services = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, site_text, site_dir)
     settings = node_settings(site, node, secrets, services, netboot)
     network = node_network(site, node)
     # The instance-id (a new one re-provisions the node) ignores the site file's

@@ -20,6 +20,7 @@ from ..image.config import Repo
 from ..image.s1_resolve import gateway_roles
 from ..image.schema import ARCHES, Validator
 from ..image.yamlsrc import Origin, load_yaml
+from .desktops import Desktops, check_desktops
 
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 NAME_RE = re.compile(f"^{LABEL_RE.pattern}$")  # the rule the nodes' hooks check a seed's names with
@@ -85,6 +86,7 @@ class Site:
     cluster: Cluster = Cluster()
     groups: tuple[LdapGroup, ...] = ()
     users: tuple[LdapUser, ...] = ()
+    desktops: Desktops = dataclasses.field(default_factory=Desktops)
     gateway: str = ""  # name of the node whose role is the gateway (set by load_site, not in YAML)
 
     @property
@@ -113,8 +115,8 @@ def site_path(repo_root: Path, site: str) -> Path:
     return repo_root / "sites" / f"{site}.yaml"
 
 
-def load_site(path: Path, *, known_roles: list[str], gateway_roles: list[str],
-              repo_root: Path | None = None) -> Site:
+def load_site(path: Path, *, known_roles: list[str], gateway_roles: list[str]) -> Site:
+    """The site file at *path*, checked. Files it names (k3s's, an htpasswd) are relative to its folder."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such site file")
     doc = load_yaml(path)
@@ -127,15 +129,14 @@ def load_site(path: Path, *, known_roles: list[str], gateway_roles: list[str],
     if "gateway" in data:
         v.fail(("gateway",), "unknown key 'gateway' (the gateway is the node whose role is one)")
     site = v.build_dataclass(Site, data, ())
-    _check(site, v, known_roles, gateway_roles, path.parent if repo_root is None else repo_root)
+    _check(site, v, known_roles, gateway_roles, path.parent)
     gateway = next(n.name for n in site.nodes if n.role in gateway_roles)
     return dataclasses.replace(site, gateway=gateway)
 
 
 def load_repo_site(repo: Repo, site: str) -> Site:
     """The site named by *site* (a name in sites/ or a path), checked against the repo's roles."""
-    return load_site(site_path(repo.root, site), known_roles=repo.roles(), gateway_roles=gateway_roles(repo),
-                     repo_root=repo.root)
+    return load_site(site_path(repo.root, site), known_roles=repo.roles(), gateway_roles=gateway_roles(repo))
 
 
 def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list[str], base: Path) -> None:
@@ -157,6 +158,7 @@ def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list
         if not is_public_key(key.strip()):
             v.fail(("admin_ssh_keys", i), "expected an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
     _check_users(site, v)
+    check_desktops(site.desktops, v, {g.name for g in site.groups}, base)
     if site.cluster.engine == "k3s":
         _check_k3s(site, v, base)
 

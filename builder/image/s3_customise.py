@@ -15,6 +15,7 @@ import os
 import py_compile
 import re
 import shutil
+import stat
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,9 +26,9 @@ import jinja2
 from ..errors import ConfigError
 from ..proc import run
 from .cache import digest, hash_tree
+from .config import BuildConfig
 from .distro import backend_for
 from .identity import fat_uuid
-from .config import BuildConfig
 from .schema import User
 
 log = logging.getLogger("sohocloud.customise")
@@ -308,6 +309,19 @@ def strip(root: Path, patterns) -> None:
                 p.unlink()
 
 
+def clear_setid(root: Path) -> list[str]:
+    """Clear every setuid and setgid bit of regular files below *root*; the paths it cleared."""
+    cleared = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                cleared.append("/" + os.path.relpath(path, root))
+    return sorted(cleared)
+
+
 def remove_machine_identity(root: Path) -> None:
     """A generic image holds no host keys, machine-id or random seed: nodes make their own."""
     for p in (root / "etc/ssh").glob("ssh_host_*"):
@@ -528,6 +542,9 @@ def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[st
         log.info("customise: locked password field of %s", ", ".join(locked))
     remove_machine_identity(root)
     strip(root, p.strip_paths)
+    if p.setid == "strip":
+        cleared = clear_setid(root)
+        log.info("customise: cleared setuid/setgid bits of %d files", len(cleared))
     journal = root / "var/log/journal"
     journal.mkdir(parents=True, exist_ok=True)
     os.chmod(journal, 0o2755)

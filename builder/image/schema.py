@@ -162,6 +162,9 @@ class Profile:
     modes: dict[str, FileMode] = field(default_factory=dict)
     edits: tuple[ConfigEdit, ...] = ()
     strip_paths: tuple[str, ...] = ()
+    # strip: no file of the image keeps a setuid or setgid bit (nothing run in it can gain privileges
+    # from a file; the desktop template's lockdown). keep: as the packages made them.
+    setid: Literal["keep", "strip"] = "keep"
     vars: dict[str, Any] = field(default_factory=dict)
     # Site services (capabilities, not roles) this role serves / consumes:
     # `sohocloud fleet build` finds each service's node through `provides` and

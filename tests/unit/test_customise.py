@@ -12,12 +12,25 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ConfigError
-from builder.image.s1_resolve import Repo, resolve
 from builder.image.distro.debian import installed_packages
-from builder.image.s3_customise import (FIRSTBOOT_DIR, add_user, apply_edits, apply_modes, apply_preset,
-                                        customise_inputs, install_firstboot, lock_passwords, network_units,
-                                        remove_machine_identity, render_overlay, template_context, write_preset)
 from builder.image.identity import identity
+from builder.image.s1_resolve import Repo, resolve
+from builder.image.s3_customise import (
+    FIRSTBOOT_DIR,
+    add_user,
+    apply_edits,
+    apply_modes,
+    apply_preset,
+    clear_setid,
+    customise_inputs,
+    install_firstboot,
+    lock_passwords,
+    network_units,
+    remove_machine_identity,
+    render_overlay,
+    template_context,
+    write_preset,
+)
 from builder.image.schema import ConfigEdit, FileMode, Port, User
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -540,3 +553,21 @@ def test_installed_packages(tmp_path: Path) -> None:
         "Package: dnsmasq\nStatus: install ok installed\nVersion: 2.89-1\n")
     assert installed_packages(tmp_path) == {"dnsmasq": "2.89-1", "zlib1g": "1:1.2.13.dfsg-1"}
     assert list(installed_packages(tmp_path)) == ["dnsmasq", "zlib1g"]
+
+
+def test_clear_setid_clears_only_the_setid_bits_of_regular_files(tmp_path: Path) -> None:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    su, wall, plain = tmp_path / "usr/bin/su", tmp_path / "usr/bin/wall", tmp_path / "usr/bin/plain"
+    for p, m in ((su, 0o4755), (wall, 0o2755), (plain, 0o755)):
+        p.write_text("x")
+        os.chmod(p, m)
+    (tmp_path / "usr/bin/link").symlink_to("su")
+    assert clear_setid(tmp_path) == ["/usr/bin/su", "/usr/bin/wall"]
+    assert (mode(su), mode(wall), mode(plain)) == (0o755, 0o755, 0o755)
+
+
+def test_the_desktop_template_is_locked_down_as_data() -> None:
+    p = resolve(Repo(REPO_ROOT), "desktop", target="oci").profile
+    assert p.setid == "strip"
+    assert {"/usr/bin/apt*", "/usr/bin/dpkg*", "/usr/lib/apt"} <= set(p.strip_paths)
+    assert not {"sudo", "gcc", "cc", "build-essential", "apt"} & set(p.packages)

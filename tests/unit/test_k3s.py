@@ -44,7 +44,7 @@ nodes:
 
 
 def load(site: Path):
-    return load_site(site, known_roles=["router", "control"], gateway_roles=["router"], repo_root=site.parent)
+    return load_site(site, known_roles=["router", "control"], gateway_roles=["router"])
 
 
 def test_k3s_files_are_verified_and_placed(tmp_path: Path) -> None:

@@ -1,0 +1,80 @@
+"""The contract between `fleet build` and the desktop broker: the broker's seed section (written by
+builder/fleet/seeds.py) is what sohocloud_desk.settings reads, and it reaches the broker's node only.
+Until a role provides `desktops` (issue 22), the test gives control and the workstation hosts that
+service on copies of their profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+from test_fleet_services import EXAMPLE, REPO, load_example, seed_block  # tests/unit is on sys.path
+
+from builder.fleet.secrets import SiteSecrets
+from builder.fleet.seeds import SeedContext, find_providers, node_settings
+
+sys.path.insert(0, str(REPO / "overlays/desk/usr/lib/sohocloud"))
+from sohocloud_desk import broker, checkers, inputs, placement, settings, totp
+
+G = 1 << 30
+
+
+@pytest.fixture
+def office(tmp_path):
+    site, profiles = load_example()
+    profiles["control"] = dataclasses.replace(profiles["control"],
+                                              provides=profiles["control"].provides + ("desktops",))
+    profiles["workstation-host"] = dataclasses.replace(profiles["workstation-host"],
+                                                       uses=profiles["workstation-host"].uses + ("desktops",))
+    return site, profiles, SiteSecrets(tmp_path / "secrets" / site.name)
+
+
+def test_the_broker_section_builds_a_working_broker(office, tmp_path):
+    site, profiles, secrets = office
+    section = seed_block(site, "control", profiles, secrets)["desk_broker"]
+    assert [h["name"] for h in section["hosts"]] == ["ws1", "pc1", "pc2"]
+    assert section["checkers"] == {"ldap": {"uri": "ldaps://control.example.lan", "base_dn": "dc=example,dc=lan"}}
+    rules, people = settings.rules(section), settings.people(section)
+    assert rules.otp and rules.policy[0]["machine"] == "standard"
+    assert rules.machine_types["standard"].memory == 2 * G and rules.host_reserve == G
+    assert set(people) == {"alice", "bob"} and people["alice"].uid == 2001
+    # The secret in the seed is the one the admin handed to alice (her phone makes these codes).
+    handed = (secrets.root / "users" / "alice.totp").read_text().strip()
+    assert people["alice"].totp_secret == handed
+    now = 1_700_000_000.0
+    b = broker.Broker(rules=rules, people=people, passwords=[lambda n, p: (n, p) == ("alice", "pw")],
+                      token_ok=lambda *a: False,
+                      hosts=lambda: [placement.HostState(h["name"], True, 4 * G, 0, 0) for h in section["hosts"]],
+                      clock=lambda: now, audit=lambda *a, **k: None)
+    placed = b.sign_in(inputs.SignIn("alice", "pw", totp.totp(totp.decode_secret(handed), now)), "10.44.0.21",
+                       seat="pc1")
+    assert placed.host == "pc1" and placed.grant.network == "lan"
+    assert json.loads(json.dumps(section)) == section  # plain data: it goes through YAML in the seed
+
+
+def test_only_the_broker_gets_the_second_factors(office):
+    site, profiles, secrets = office
+    blocks = {n.name: json.dumps(seed_block(site, n.name, profiles, secrets)) for n in site.nodes}
+    handed = [(secrets.root / "users" / f"{u}.totp").read_text().strip() for u in ("alice", "bob")]
+    for name, text in blocks.items():
+        assert any(h in text for h in handed) == (name == "control"), name
+    ws = json.loads(blocks["pc1"])
+    assert ws["desk"] == {"broker": {"name": "control", "fqdn": "control.example.lan", "address": "10.44.0.2"}}
+
+
+def test_an_htpasswd_site_carries_its_file_to_the_broker(office, tmp_path):
+    site, profiles, secrets = office
+    text = EXAMPLE.read_text().replace("sign_in: [ldap, otp]", "sign_in: [{name: htpasswd, file: desk.htpasswd}]")
+    (tmp_path / "desk.htpasswd").write_text(f"bob:{checkers.crypt.crypt('hunter22', checkers.crypt.mksalt())}\n")
+    (tmp_path / "office.yaml").write_text(text)
+    site, _profiles = load_example(tmp_path / "office.yaml")
+    node = site.node("control")
+    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, text, tmp_path)
+    section = node_settings(site, node, secrets, ctx)["desk_broker"]
+    assert not settings.rules(section).otp and "totp" not in json.dumps(section["people"])
+    path = tmp_path / "node-htpasswd"
+    path.write_text(section["checkers"]["htpasswd"]["text"])
+    (check,) = settings.password_checkers(section, tmp_path / "ca.crt", path)
+    assert check("bob", "hunter22") and not check("bob", "hunter2")
