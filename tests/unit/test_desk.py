@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,23 @@ def test_a_token_starts_a_session_without_the_second_factor():
     stop_only, _tok = tokens.issue(b"k" * 32, "alice", {"session:stop"}, exp=int(clock()) + 3600)
     with pytest.raises(Refused, match="token is not valid"):
         b.sign_in(sign("alice", token=stop_only), "10.44.0.40")
+
+
+def test_the_same_code_sent_twice_at_once_signs_in_once():
+    b, clock, _events, _hosts = make_broker(second_sign_in="take-over")
+    c, barrier, results = code(clock), threading.Barrier(8), []
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        try:
+            results.append(b.sign_in(sign("alice", "alice-pw", c), f"10.44.0.{21 + i}").session)
+        except Refused as r:
+            results.append(r.reason)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if r in ("totp reused", "rate-limited")]  # failures count towards the limit
+    assert len(results) == 8 and len(refused) == 7 and "totp reused" in refused

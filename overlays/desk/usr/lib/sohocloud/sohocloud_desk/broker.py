@@ -89,8 +89,10 @@ class Broker:
         wait = self.limiter.blocked(req.name, source, now)
         if wait > 0:
             raise Refused(f"Too many failed sign-ins: try again in {int(wait) + 1} s.", "rate-limited")
+        person = self._first_factor(req, source, now)  # outside the lock: a slow directory delays one person
         with self._lock:  # one decision at a time: the TOTP step and the session table change together
-            person = self._authenticate(req, source, now)
+            if self.rules.otp and not req.token:
+                self._second_factor(person, req.otp, source, now)
             grant = policy.grant_for(set(person.groups), list(self.rules.policy), self.rules.machine_types)
             if grant is None:
                 raise Refused("Your account does not get a desktop here; ask the office's admin.",
@@ -107,7 +109,7 @@ class Broker:
             self.limiter.succeeded(person.name)
             return placed
 
-    def _authenticate(self, req: SignIn, source: str, now: float) -> Person:
+    def _first_factor(self, req: SignIn, source: str, now: float) -> Person:
         person = self.people.get(req.name)
         if req.token:
             ok = self.token_ok(req.name, req.token, "session:start")
@@ -118,8 +120,6 @@ class Broker:
             self.limiter.failed(req.name, source, now)
             raise Refused(WRONG if not req.token else "That token is not valid (expired, revoked or not yours).",
                           "bad token" if req.token else "bad password" if person else "unknown name")
-        if self.rules.otp and not req.token:
-            self._second_factor(person, req.otp, source, now)
         return person
 
     def _second_factor(self, person: Person, code: str, source: str, now: float) -> None:
