@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sohocloud_firstboot.seedrules import LABEL_RE
+
 from ..image.schema import Validator, parse_size
 
 DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
@@ -126,8 +128,31 @@ def _check_checkers(d: Desktops, v: Validator, base: Path) -> None:
             v.fail(where + (i,), "htpasswd needs {name: htpasswd, file: FILE}; only htpasswd takes a file")
         if c.file is not None and not (base / c.file).is_file():
             v.fail(where + (i, "file"), f"no such file: {(base / c.file).resolve()}")
+        if c.file is not None:
+            problem = htpasswd_problem((base / c.file).read_text(errors="replace"))
+            if problem:
+                v.fail(where + (i, "file"), f"{(base / c.file).resolve()}: {problem}")
     if not any(n in ("ldap", "htpasswd") for n in names):
         v.fail(where, "expected a password checker (ldap or htpasswd): people sign in at the panel with one")
+
+
+# What the panels' crypt(3) checks: bcrypt (`htpasswd -B`), yescrypt, SHA-512/256 crypt. Not
+# Apache's MD5 ($apr1$), SHA1 ({SHA}) or plain text: weak, and crypt(3) cannot check them.
+HTPASSWD_HASH_RE = re.compile(r"\$(2[aby]|y|6|5)\$[A-Za-z0-9./$]+")
+
+
+def htpasswd_problem(text: str) -> str | None:
+    """Why an htpasswd file's text is unusable (line number first), or None."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, hashed = line.strip().partition(":")
+        if not sep or not LABEL_RE.fullmatch(name):
+            return f"line {n}: expected name:hash with a lowercase login name"
+        if not HTPASSWD_HASH_RE.fullmatch(hashed):
+            return (f"line {n}: {name}'s hash is not bcrypt, yescrypt or SHA-crypt "
+                    "(make it with `htpasswd -B` or `mkpasswd -m yescrypt`)")
+    return None
 
 
 def _check_machine_type(v: Validator, where: tuple, mt: MachineType) -> None:

@@ -78,6 +78,19 @@ def test_desktops_errors_name_file_line_and_key(tmp_path, old, new, line, expect
     assert f"site.yaml:{line}:" in msg and expect in msg, msg
 
 
+@pytest.mark.parametrize("text, expect", [
+    ("alice:$apr1$abc$defghijklmnopqrstuvwx/\n", "line 1: alice's hash is not bcrypt"),
+    ("# people\nalice:secret\n", "line 2: alice's hash"),
+    ("Alice:$2y$05$abcdefghijklmnopqrstuu\n", "line 1: expected name:hash"),
+    ("alice $2y$05$abcdefghijklmnopqrstuu\n", "line 1: expected name:hash"),
+])
+def test_an_unusable_htpasswd_file_is_refused_naming_its_line(tmp_path, text, expect):
+    (tmp_path / "desk.htpasswd").write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, GOOD + DESKTOPS.replace("[ldap, otp]", "[{name: htpasswd, file: desk.htpasswd}]"))
+    assert "site.yaml:17:" in str(exc.value) and "desk.htpasswd: " + expect in str(exc.value), str(exc.value)
+
+
 def test_htpasswd_file_is_found_relative_to_the_site(tmp_path):
     (tmp_path / "desk.htpasswd").write_text("alice:$2y$05$abcdefghijklmnopqrstuu5p4X5a9mLkqQ3dJm0gk2nZzQ0bXy7mS\n")
     d = load(tmp_path, GOOD + DESKTOPS.replace("[ldap, otp]", "[{name: htpasswd, file: desk.htpasswd}, otp]")).desktops
