@@ -41,9 +41,20 @@ def wireguard_public(private_b64: str) -> str:
     return base64.b64encode(pub).decode()
 
 
+def make_private_dirs(folder: Path) -> None:
+    """mkdir -p with every folder it creates 0700 (Path.mkdir(parents=True) gives the parents the
+    umask's mode, so secrets/<site>/ would be 0755 when users/ is its first child)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        each.mkdir(mode=0o700, exist_ok=True)
+
+
 def write_secret(path: Path, data: str | bytes) -> None:
     """Create *path* 0600 from the start (never briefly world-readable), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(path.parent)
     tmp = path.with_name("." + path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import os
 import stat
 
 from cryptography import x509
@@ -86,3 +87,15 @@ def test_node_certificate_reissued_when_it_no_longer_fits(tmp_path):
         p.unlink()
     cert3 = sec.node_tls(moved, node)[1]
     assert cert3 != cert2 and cert_fits(cert3, sec.ca()[1], ["control", "control.office.lan"], ["10.44.0.2"])
+
+
+def test_a_secret_written_deep_first_makes_every_new_folder_0700(tmp_path):
+    # secrets/<site>/ came out 0755 once when users/<name>.totp was the site's first secret:
+    # Path.mkdir(parents=True) gives the parents the umask's mode.
+    old = os.umask(0o022)
+    try:
+        write_secret(tmp_path / "secrets" / "office" / "users" / "alice.totp", "X")
+    finally:
+        os.umask(old)
+    for folder in ("secrets", "secrets/office", "secrets/office/users"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
