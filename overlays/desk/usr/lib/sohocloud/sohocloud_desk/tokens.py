@@ -13,10 +13,12 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 
 PREFIX = "sct1"
+ID_RE = re.compile(r"[A-Za-z0-9_-]{16}")  # a token's id (jti): 12 random bytes, base64url
 SCOPES = frozenset({"session:start", "session:stop"})
 
 

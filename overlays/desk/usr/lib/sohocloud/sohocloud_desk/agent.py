@@ -1,0 +1,106 @@
+"""A workstation host's side of the sessions: it starts and stops the containers the broker orders
+and reports what it runs. Only the broker may order (its certificate's CN); an order is checked
+like any input, since it becomes a container's argv and a path.
+
+    POST /v1/start  {session, person, uid, machine: {name, cpus, memory, pids}, network}
+    POST /v1/stop   {session, reason}
+
+How a container is run is the Runner's business (podman as the person, in their user slice);
+this module keeps the table and the rules.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import container, inputs, policy
+from .https import Request, Response
+
+SESSION_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+MIN_UID = 1000  # a person's uid: never a system account's
+CPUS_RE = re.compile(r"[0-9]{1,3}(\.[0-9]{1,2})?")
+
+
+class Runner(Protocol):
+    def start(self, s: container.Session) -> None: ...  # raises RuntimeError with a reason
+    def stop(self, s: container.Session) -> None: ...
+
+
+def session_of(order: dict[str, Any], homes: Path, sessions: Path) -> container.Session:
+    """The container.Session an order describes; ValueError names what is wrong."""
+    sid, person, uid, network = order.get("session"), order.get("person"), order.get("uid"), order.get("network")
+    m = order.get("machine")
+    if not (isinstance(sid, str) and SESSION_RE.fullmatch(sid)):
+        raise ValueError("session: expected a session id")
+    if not (isinstance(person, str) and inputs.NAME_RE.fullmatch(person)):
+        raise ValueError("person: expected a login name")
+    if not (isinstance(uid, int) and MIN_UID <= uid < 2**31):
+        raise ValueError(f"uid: expected a person's uid (>= {MIN_UID})")
+    if network not in container.NETWORKS:
+        raise ValueError(f"network: expected one of {', '.join(container.NETWORKS)}")
+    if not (isinstance(m, dict) and isinstance(m.get("name"), str) and inputs.NAME_RE.fullmatch(m["name"])
+            and CPUS_RE.fullmatch(str(m.get("cpus"))) and isinstance(m.get("memory"), int) and m["memory"] > 0
+            and isinstance(m.get("pids"), int) and m["pids"] > 0):
+        raise ValueError("machine: expected {name, cpus, memory, pids}")
+    grant = policy.Grant(policy.MachineType(m["name"], str(m["cpus"]), m["memory"], m["pids"]), network)
+    return container.Session(sid, person, uid, str(homes / person), str(sessions / sid), grant)
+
+
+def memory_total(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{meminfo} has no MemTotal")
+
+
+@dataclass
+class Agent:
+    broker: str  # the broker's node name: the only caller allowed to order
+    runner: Runner
+    homes: Path  # the people's NAS homes are homes/<name>
+    sessions_dir: Path  # one folder per session (its VNC socket), on tmpfs: a reboot empties it
+    running: dict[str, container.Session] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, req: Request, data: dict[str, Any]) -> Response:
+        if req.peer != self.broker:
+            return Response.of_json(403, {"error": "only the broker starts sessions"})
+        try:
+            s = session_of(data, self.homes, self.sessions_dir)
+        except ValueError as e:
+            return Response.of_json(400, {"error": str(e)})
+        with self._lock:
+            if s.id in self.running:
+                return Response.of_json(200, {"started": s.id})  # a retried order
+            self.running[s.id] = s
+        try:
+            self.runner.start(s)
+        except RuntimeError as e:
+            with self._lock:
+                self.running.pop(s.id, None)
+            self.runner.stop(s)  # whatever half of it exists goes
+            return Response.of_json(500, {"error": str(e)})
+        return Response.of_json(200, {"started": s.id})
+
+    def stop(self, req: Request, data: dict[str, Any]) -> Response:
+        if req.peer != self.broker:
+            return Response.of_json(403, {"error": "only the broker stops sessions"})
+        found = self.stop_session(str(data.get("session", "")))
+        return Response.of_json(200 if found else 404, {"stopped": data.get("session") if found else None})
+
+    def stop_session(self, sid: str) -> bool:
+        with self._lock:
+            s = self.running.pop(sid, None)
+        if s is not None:
+            self.runner.stop(s)
+        return s is not None
+
+    def session(self, sid: str) -> container.Session | None:
+        return self.running.get(sid)
+
+    def report(self) -> dict[str, Any]:
+        return {"memory_total": memory_total(), "sessions": sorted(self.running)}
