@@ -187,7 +187,9 @@ PROVIDER_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
 }
 CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "cluster": _cluster_client,
-    "desktops": lambda c: {"desk": {"broker": c.where("desktops")}},
+    "desktops": lambda c: {"desk": {"broker": c.where("desktops"),
+                                    "idle_timeout": parse_duration(c.site.desktops.idle_timeout),
+                                    "disconnect_timeout": parse_duration(c.site.desktops.disconnect_timeout)}},
     "git": lambda c: {},
     "ldap": _ldap_client,
     "logs": lambda c: {"logs": {"host": c.where("logs")["fqdn"], "port": LOGS_PORT}},

@@ -3,6 +3,7 @@ against its specification or a real counterpart (RFC 6238's vectors, crypt(3), a
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
 import sys
@@ -14,7 +15,19 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "overlays/desk/usr/lib/sohocloud"))
 
-from sohocloud_desk import audit, broker, checkers, container, inputs, placement, policy, ratelimit, tokens, totp
+from sohocloud_desk import (
+    audit,
+    broker,
+    checkers,
+    container,
+    inputs,
+    placement,
+    policy,
+    ratelimit,
+    tokens,
+    totp,
+    wsproxy,
+)
 from sohocloud_desk.broker import Refused
 
 # --------------------------------------------------------------------------- TOTP
@@ -375,3 +388,50 @@ def test_the_same_code_sent_twice_at_once_signs_in_once():
         t.join()
     refused = [r for r in results if r in ("totp reused", "rate-limited")]  # failures count towards the limit
     assert len(results) == 8 and len(refused) == 7 and "totp reused" in refused
+
+
+# --------------------------------------------------------------------------- the WebSocket (RFC 6455)
+
+
+def client_frame(opcode: int, payload: bytes, final: bool = True, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    n = len(payload)
+    head = bytes([(0x80 if final else 0) | opcode])
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_websocket_accept_key_matches_rfc6455_example():
+    assert wsproxy.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_websocket_messages_are_unmasked_joined_and_pings_answered():
+    sent = []
+    stream = io.BytesIO(client_frame(wsproxy.OP_PING, b"hi") + client_frame(wsproxy.OP_BINARY, b"RFB ", final=False)
+                        + client_frame(wsproxy.OP_CONT, b"003.008\n") + client_frame(wsproxy.OP_CLOSE, b"\x03\xe8"))
+    assert wsproxy.messages(stream, sent.append) == b"RFB 003.008\n"
+    assert sent == [wsproxy.encode(wsproxy.OP_PONG, b"hi")]
+    assert wsproxy.messages(stream, sent.append) == b""  # the close, answered
+    assert sent[-1] == wsproxy.encode(wsproxy.OP_CLOSE, b"\x03\xe8")
+    assert wsproxy.encode(wsproxy.OP_BINARY, b"x" * 70000)[:4] == bytes([0x82, 127, 0, 0])
+
+
+@pytest.mark.parametrize("frame, problem", [
+    (bytes([0x82, 0x02]) + b"hi", "not masked"),
+    (bytes([0x82, 0xFF]) + struct.pack(">Q", (1 << 20) + 1) + b"mask", "larger than"),
+    (bytes([0xC2, 0x80]) + b"mask", "reserved bits"),
+])
+def test_websocket_refuses_frames_a_browser_never_sends(frame, problem):
+    with pytest.raises(wsproxy.ProtocolError, match=problem):
+        wsproxy.read_frame(io.BytesIO(frame))
+
+
+@pytest.mark.parametrize("headers, problem", [
+    ({"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "8",
+      "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}, "version 13"),
+    ({"upgrade": "h2c", "connection": "Upgrade"}, "not a WebSocket"),
+    ({"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-version": "13", "sec-websocket-key": "x"},
+     "Sec-WebSocket-Key"),
+])
+def test_websocket_upgrade_requests_are_checked(headers, problem):
+    with pytest.raises(wsproxy.ProtocolError, match=problem):
+        wsproxy.upgrade_headers(headers)

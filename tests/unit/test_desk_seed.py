@@ -11,12 +11,13 @@ import sys
 
 import pytest
 from test_fleet_services import EXAMPLE, REPO, load_example, seed_block  # tests/unit is on sys.path
+from test_role_hooks import make_root, mode, ok, run_hook
 
 from builder.fleet.secrets import SiteSecrets
 from builder.fleet.seeds import SeedContext, find_providers, node_settings
 
 sys.path.insert(0, str(REPO / "overlays/desk/usr/lib/sohocloud"))
-from sohocloud_desk import broker, checkers, inputs, placement, settings, totp
+from sohocloud_desk import broker, checkers, https, inputs, placement, service, settings, totp
 
 G = 1 << 30
 
@@ -61,7 +62,8 @@ def test_only_the_broker_gets_the_second_factors(office):
     for name, text in blocks.items():
         assert any(h in text for h in handed) == (name == "control"), name
     ws = json.loads(blocks["pc1"])
-    assert ws["desk"] == {"broker": {"name": "control", "fqdn": "control.example.lan", "address": "10.44.0.2"}}
+    assert ws["desk"] == {"broker": {"name": "control", "fqdn": "control.example.lan", "address": "10.44.0.2"},
+                          "idle_timeout": 1800, "disconnect_timeout": 120}
 
 
 def test_an_htpasswd_site_carries_its_file_to_the_broker(office, tmp_path):
@@ -78,3 +80,54 @@ def test_an_htpasswd_site_carries_its_file_to_the_broker(office, tmp_path):
     path.write_text(section["checkers"]["htpasswd"]["text"])
     (check,) = settings.password_checkers(section, tmp_path / "ca.crt", path)
     assert check("bob", "hunter22") and not check("bob", "hunter2")
+
+
+# --------------------------------------------------------------------------- the firstboot hook
+
+DESK_HOOK = REPO / "overlays/desk/usr/lib/sohocloud/firstboot.d/45-desk"
+
+
+def test_the_hook_writes_each_nodes_desk_settings_and_the_services_start_from_them(office, tmp_path):
+    site, profiles, secrets = office
+    control, ws1, nas = (seed_block(site, n, profiles, secrets) for n in ("control", "ws1", "nas"))
+    root = make_root(tmp_path / "control", "control")
+    ok(run_hook(DESK_HOOK, root, control))
+    written = root / "etc/sohocloud/desk/broker.json"
+    conf = json.loads(written.read_text())
+    assert mode(written) == 0o600 and not (root / "etc/sohocloud/desk/panel.json").exists()
+    assert (conf["name"], conf["fqdn"], conf["address"]) == ("control", "control.example.lan", "10.44.0.2")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    svc = service.broker_service(conf, https.TlsFiles.under(tmp_path), conf["name"], state, lambda: 0.0,
+                                 lambda *a, **k: None, host_call=lambda *a: (200, {}))
+    assert sorted(svc.hosts) == ["pc1", "pc2", "ws1"] and set(svc.broker.people) == {"alice", "bob"}
+
+    root = make_root(tmp_path / "ws1", "ws1")
+    ok(run_hook(DESK_HOOK, root, ws1))
+    written = root / "etc/sohocloud/desk/panel.json"
+    assert mode(written) == 0o600 and not (root / "etc/sohocloud/desk/broker.json").exists()
+    assert json.loads(written.read_text()) == {
+        "own": {"name": "ws1", "fqdn": "ws1.example.lan", "address": "10.44.0.10"},
+        "broker": {"name": "control", "fqdn": "control.example.lan", "address": "10.44.0.2"},
+        "timeouts": {"idle_timeout": 1800, "disconnect_timeout": 120},
+        "homes": "/nas/home", "sessions_dir": "/run/sohocloud-desk/sessions"}
+
+    root = make_root(tmp_path / "nas", "nas")
+    ok(run_hook(DESK_HOOK, root, nas))
+    assert not (root / "etc/sohocloud/desk").exists()  # no desktops here: nothing to run
+
+
+@pytest.mark.parametrize("node, edit, key", [
+    ("ws1", lambda b: b["desk"]["broker"].update(fqdn="control.example.lan;reboot"), "desk.broker.fqdn"),
+    ("ws1", lambda b: b["desk"].update(idle_timeout="30m"), "desk.idle_timeout"),
+    ("control", lambda b: b["desk_broker"]["people"][0].update(uid=0), "desk_broker.people[0].uid"),
+    ("control", lambda b: b["desk_broker"].update(token_key="short"), "desk_broker.token_key"),
+])
+def test_the_hook_refuses_bad_seed_values_naming_the_key(office, tmp_path, node, edit, key):
+    site, profiles, secrets = office
+    block = seed_block(site, node, profiles, secrets)
+    edit(block)
+    root = make_root(tmp_path, node)
+    p = run_hook(DESK_HOOK, root, block)
+    assert p.returncode != 0 and key in p.stderr, p.stderr
+    assert not list((root / "etc/sohocloud").rglob("*.json"))

@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -76,6 +77,45 @@ class Recorder:
         return {s.id for s in self.started} - {s.id for s in self.stopped}
 
 
+class XvncRunner(Recorder):
+    """A session's desktop without the container: a real Xvnc serving the session's VNC socket,
+    as the template's sohocloud-desktop starts it (no TCP port, a unix socket in the session's folder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, s) -> None:
+        super().start(s)
+        folder = Path(s.session_dir)
+        folder.mkdir(parents=True, mode=0o700)
+        read, write = os.pipe()  # -displayfd: the X server picks a free display and says which
+        self.procs[s.id] = subprocess.Popen(
+            ["Xvnc", "-displayfd", str(write), "-rfbport", "-1", "-rfbunixpath", str(folder / "vnc.sock"), "-rfbunixmode", "0600",
+             "-SecurityTypes", "None", "-nolisten", "tcp", "-geometry", "800x600", "-depth", "24"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write,))
+        os.close(write)
+        with os.fdopen(read) as f:
+            display = ":" + f.readline().strip()  # the server is up (closing the pipe earlier would SIGPIPE it)
+        # A terminal on it, working in the session's "home" (what the person types lands there).
+        home = Path(s.home)
+        home.mkdir(parents=True, exist_ok=True)
+        self.procs[s.id + "-xterm"] = subprocess.Popen(
+            ["xterm", "-geometry", "140x50+0+0", "-e", "sh"], cwd=home, env={**os.environ, "DISPLAY": display},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not (folder / "vnc.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self, s) -> None:
+        super().stop(s)
+        for key in (s.id + "-xterm", s.id):
+            proc = self.procs.pop(key, None)
+            if proc:
+                proc.terminate()
+                proc.wait(10)
+
+
 def write_tls(folder: Path, ca: tuple[bytes, bytes], name: str) -> https.TlsFiles:
     folder.mkdir(parents=True)
     key, cert = issue_cert(*ca, name, dns=[f"{name}.office.lan", name, "localhost"], ips=["127.0.0.1"])
@@ -106,14 +146,16 @@ def broker_section() -> dict:
 class Desk:
     """A broker and two panels on loopback, serving in threads."""
 
-    def __init__(self, tmp: Path, broker_port: int | None = None) -> None:
+    def __init__(self, tmp: Path, broker_port: int | None = None, runner=Recorder) -> None:
         self.clock = Clock()
         self.events: list[tuple[str, dict]] = []
         self.ca = make_ca("office test CA")
         self.tls = {n: write_tls(tmp / "tls" / n, self.ca, n) for n in ("control", "ws1", "ws2", "storage")}
         self.servers = []
         self.ports: dict[str, int] = {}
-        self.runners = {n: Recorder() for n in ("ws1", "ws2")}
+        self.runners = {n: runner() for n in ("ws1", "ws2")}
+        # Short: a unix socket's path has at most 107 bytes, and pytest's folders are long.
+        self.sessions = Path(tempfile.mkdtemp(prefix="desk-", dir="/tmp"))
         state = tmp / "broker-state"
         state.mkdir(mode=0o700)
         if broker_port:  # a broker of its own (a process): the panels are told where
@@ -138,7 +180,9 @@ class Desk:
                 {"name": n, "fqdn": f"{n}.office.lan", "address": "127.0.0.1"},
                 {"name": "control", "fqdn": "control.office.lan", "address": "127.0.0.1"}, self.tls[n],
                 self.runners[n], {"idle_timeout": 900, "disconnect_timeout": 120}, self.clock, print,
-                homes=tmp / "home", sessions_dir=tmp / n / "sessions", port=port, broker_call=broker_call)
+                homes=tmp / "home", sessions_dir=self.sessions / n, port=port, broker_call=broker_call,
+                host_address=lambda fqdn: ("127.0.0.1", self.ports[fqdn.split(".")[0]]),
+                novnc=REPO_ROOT / "overlays/desk/usr/share/sohocloud-desk/novnc")
             self.ports[n] = port
             self._start(server)
 
@@ -165,9 +209,14 @@ class Desk:
         return f"https://127.0.0.1:{self.ports[host]}"
 
     def close(self) -> None:
+        for r in self.runners.values():
+            for s in list(r.started):
+                if s.id in r.running:
+                    r.stop(s)
         for s in self.servers:
             s.shutdown()
             s.server_close()
+        shutil.rmtree(self.sessions, ignore_errors=True)
 
 
 @pytest.fixture
@@ -216,9 +265,21 @@ def spki_pin(cert_file: Path) -> str:
 
 
 @pytest.fixture
-def chromium(desk, tmp_path):
+def desk_vnc(tmp_path):
+    """The desk with real VNC servers as the sessions' desktops."""
+    if not shutil.which("Xvnc"):
+        pytest.fail("Xvnc is not installed (make deps installs tigervnc-standalone-server)")
+    d = Desk(tmp_path, runner=XvncRunner)
+    d.beat()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def chromium(tmp_path, request):
     """Debian's headless Chromium through chromium-driver. It accepts exactly the two panels' keys
     (their SPKI pins), nothing else: a browser that trusts the site."""
+    desk = request.getfixturevalue("desk_vnc" if "desk_vnc" in request.fixturenames else "desk")
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.fail("chromium and chromium-driver are not installed (make deps installs them)")
     from selenium import webdriver
@@ -552,6 +613,7 @@ def test_the_broker_process_places_audits_and_obeys_the_admin(broker_process, tm
     desk.clock.now = time.time()  # the broker's clock is the real one
     desk.tls = {n: https.TlsFiles.under(bp["tls"] / n) for n in ("control", "ws1", "ws2")}
     desk.runners, desk.panels = {n: Recorder() for n in ("ws1", "ws2")}, {}
+    desk.sessions = Path(tempfile.mkdtemp(prefix="desk-", dir="/tmp"))
     for n in ("ws1", "ws2"):
         ctx = https.client_context(desk.tls[n])
         server = https.serve(lambda req, n=n: desk.panels[n](req), "127.0.0.1", bp["panel_ports"][n],
@@ -559,7 +621,7 @@ def test_the_broker_process_places_audits_and_obeys_the_admin(broker_process, tm
         desk.panels[n] = service.panel_service(
             {"name": n, "fqdn": "127.0.0.1", "address": "127.0.0.1"}, {"name": "control", "fqdn": "127.0.0.1"},
             desk.tls[n], desk.runners[n], {"idle_timeout": 900, "disconnect_timeout": 120}, desk.clock, print,
-            homes=tmp_path / "home", sessions_dir=tmp_path / n, port=bp["panel_ports"][n],
+            homes=tmp_path / "home", sessions_dir=desk.sessions / n, port=bp["panel_ports"][n],
             broker_call=lambda m, p, d, ctx=ctx: https.call(ctx, "127.0.0.1", bp["port"], m, p, d))
         desk.ports[n] = bp["panel_ports"][n]
         desk._start(server)
@@ -594,3 +656,119 @@ def test_the_broker_process_places_audits_and_obeys_the_admin(broker_process, tm
         assert bp["admin"]("token", "carol").returncode != 0  # no desktop for carol: no token either
     finally:
         desk.close()
+
+
+# --------------------------------------------------------------------------- the desktop in the page
+
+# Where the boot tests keep their artefacts too (tests/boot/bootkit.py): CI keeps the folder.
+LOGS = Path(os.environ.get("SOHOCLOUD_TEST_ARTIFACTS", REPO_ROOT / "out" / "test-logs"))
+
+
+def sign_in_with(chromium, desk, host: str, name: str) -> None:
+    from selenium.webdriver.common.by import By
+    chromium.get(desk.origin(host) + "/")
+    wait_page(chromium, "sign in")
+    chromium.find_element(By.NAME, "name").send_keys(name)
+    chromium.find_element(By.NAME, "password").send_keys(PASSWORDS[name])
+    chromium.find_element(By.NAME, "otp").send_keys(desk.code(name))
+    chromium.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_page(chromium, "desktop")
+
+
+def wait_connected(chromium) -> None:
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    try:
+        WebDriverWait(chromium, 30).until(
+            lambda d: d.find_element(By.ID, "screen").get_attribute("data-state") == "connected")
+    except TimeoutException:
+        logs = chromium.get_log("browser") if hasattr(chromium, "get_log") else []
+        pytest.fail(f"noVNC never connected: {chromium.find_element(By.ID, 'screen').get_attribute('data-state')}"
+                    f" {logs[-5:]}")
+
+
+def type_into(chromium, canvas, text: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    ActionChains(chromium).move_to_element_with_offset(canvas, 0, 0).click().perform()  # focus (the xterm's corner)
+    for ch in text:  # one key at a time: noVNC sends each as a key event
+        ActionChains(chromium).send_keys(ch).perform()
+
+
+def wait_for(check, seconds: float, message: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(message)
+        time.sleep(0.2)
+
+
+def test_the_desktop_shows_in_the_same_tab_through_the_panels_origin(desk_vnc, chromium):
+    """alice at ws1 gets her desktop on ws1 (the VNC socket there); bob at ws1 gets his on ws2,
+    carried to his browser through ws1's origin by ws2's panel. No VNC port anywhere."""
+    from selenium.webdriver.common.by import By
+    desk = desk_vnc
+    sign_in_with(chromium, desk, "ws1", "alice")
+    wait_connected(chromium)
+    assert chromium.find_element(By.ID, "host").text == "ws1"
+    canvas = chromium.find_element(By.CSS_SELECTOR, "#screen canvas")
+    assert (canvas.size["width"], canvas.size["height"]) != (0, 0)
+    # Keys typed into the page reach the terminal on the desktop: through noVNC, the WebSocket,
+    # the panel and the VNC socket.
+    typed = desk.sessions.parent / f"typed-{os.getpid()}"
+    type_into(chromium, canvas, f"echo through-the-panel > {typed}\n")
+    wait_for(typed.exists, 20, f"{typed} never appeared: the keys did not reach the desktop")
+    assert typed.read_text() == "through-the-panel\n"
+    typed.unlink()
+    LOGS.mkdir(parents=True, exist_ok=True)
+    chromium.save_screenshot(str(LOGS / "desk-novnc-local.png"))
+    chromium.find_element(By.ID, "sign-out").click()
+    wait_page(chromium, "sign in")
+    # alice again (a new code), so that ws1 is busy, then bob, who lands on ws2.
+    desk.clock.now += 30
+    post_form(desk, "ws1", {"name": "alice", "password": "alice-pw", "otp": desk.code("alice")})
+    sign_in_with(chromium, desk, "ws1", "bob")
+    wait_connected(chromium)
+    assert chromium.find_element(By.ID, "host").text == "ws2"
+    typed = desk.sessions.parent / f"typed-remote-{os.getpid()}"
+    type_into(chromium, chromium.find_element(By.CSS_SELECTOR, "#screen canvas"), f"echo via-ws2 > {typed}\n")
+    wait_for(typed.exists, 20, f"{typed} never appeared: the keys did not reach the desktop on ws2")
+    assert typed.read_text() == "via-ws2\n"
+    typed.unlink()
+    chromium.save_screenshot(str(LOGS / "desk-novnc-remote.png"))
+    listening = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout
+    assert "Xvnc" not in listening  # the VNC servers listen on unix sockets only
+
+
+def ws_upgrade(desk, host, cookie=None, origin="same") -> int:
+    conn = http.client.HTTPSConnection("127.0.0.1", desk.ports[host], context=browser_ctx(desk), timeout=20)
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode()}
+    if origin:
+        headers["Origin"] = desk.origin(host) if origin == "same" else origin
+    if cookie:
+        headers["Cookie"] = cookie
+    conn.request("GET", "/vnc", headers=headers)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_the_desktop_stream_needs_the_signed_in_browser_and_the_seat(desk_vnc):
+    desk = desk_vnc
+    cookie = cookie_of(sign_in(desk, "ws1", "alice"))
+    assert ws_upgrade(desk, "ws1", cookie) == 101
+    assert ws_upgrade(desk, "ws1") == 401  # no cookie
+    assert ws_upgrade(desk, "ws1", "desk=" + "A" * 43) == 401  # a guessed one
+    assert ws_upgrade(desk, "ws1", cookie, origin="https://evil.example") == 403  # cross-site WebSocket
+    assert ws_upgrade(desk, "ws2", cookie) == 401  # the cookie belongs to ws1's panel
+    (s,) = desk.broker.live.values()
+    # Another node asks the session's host for the stream: only the seat may.
+    for node in ("ws2", "storage"):
+        with pytest.raises(OSError, match="403"):
+            https.open_stream(https.client_context(desk.tls[node]), "127.0.0.1", desk.ports[s.host],
+                              f"/v1/vnc?session={s.session}")
+    seat = https.open_stream(https.client_context(desk.tls["ws1"]), "127.0.0.1", desk.ports[s.host],
+                             f"/v1/vnc?session={s.session}")
+    assert seat.recv(12) == b"RFB 003.008\n"  # the VNC server's greeting, through the host's panel
+    seat.close()

@@ -2,7 +2,7 @@
 and reports what it runs. Only the broker may order (its certificate's CN); an order is checked
 like any input, since it becomes a container's argv and a path.
 
-    POST /v1/start  {session, person, uid, machine: {name, cpus, memory, pids}, network}
+    POST /v1/start  {session, person, uid, seat, machine: {name, cpus, memory, pids}, network}
     POST /v1/stop   {session, reason}
 
 How a container is run is the Runner's business (podman as the person, in their user slice);
@@ -22,6 +22,8 @@ from .https import Request, Response
 
 SESSION_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 MIN_UID = 1000  # a person's uid: never a system account's
+MAX_UNIX_PATH = 107  # bytes of a unix socket's path (sun_path less its NUL)
+VNC_SOCKET = "vnc.sock"  # in the session's folder, which the container sees as container.VNC_DIR
 CPUS_RE = re.compile(r"[0-9]{1,3}(\.[0-9]{1,2})?")
 
 
@@ -47,6 +49,8 @@ def session_of(order: dict[str, Any], homes: Path, sessions: Path) -> container.
             and isinstance(m.get("pids"), int) and m["pids"] > 0):
         raise ValueError("machine: expected {name, cpus, memory, pids}")
     grant = policy.Grant(policy.MachineType(m["name"], str(m["cpus"]), m["memory"], m["pids"]), network)
+    if len(str(sessions / sid / VNC_SOCKET).encode()) > MAX_UNIX_PATH:
+        raise ValueError(f"{sessions}: too long a folder for the sessions' VNC sockets")
     return container.Session(sid, person, uid, str(homes / person), str(sessions / sid), grant)
 
 
@@ -64,6 +68,7 @@ class Agent:
     homes: Path  # the people's NAS homes are homes/<name>
     sessions_dir: Path  # one folder per session (its VNC socket), on tmpfs: a reboot empties it
     running: dict[str, container.Session] = field(default_factory=dict)
+    seats: dict[str, str] = field(default_factory=dict)  # session id -> the panel whose browser shows it
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self, req: Request, data: dict[str, Any]) -> Response:
@@ -71,17 +76,22 @@ class Agent:
             return Response.of_json(403, {"error": "only the broker starts sessions"})
         try:
             s = session_of(data, self.homes, self.sessions_dir)
+            seat = data.get("seat")
+            if not (isinstance(seat, str) and inputs.NAME_RE.fullmatch(seat)):
+                raise ValueError("seat: expected a node name")
         except ValueError as e:
             return Response.of_json(400, {"error": str(e)})
         with self._lock:
             if s.id in self.running:
                 return Response.of_json(200, {"started": s.id})  # a retried order
             self.running[s.id] = s
+            self.seats[s.id] = seat
         try:
             self.runner.start(s)
         except RuntimeError as e:
             with self._lock:
                 self.running.pop(s.id, None)
+                self.seats.pop(s.id, None)
             self.runner.stop(s)  # whatever half of it exists goes
             return Response.of_json(500, {"error": str(e)})
         return Response.of_json(200, {"started": s.id})
@@ -95,12 +105,16 @@ class Agent:
     def stop_session(self, sid: str) -> bool:
         with self._lock:
             s = self.running.pop(sid, None)
+            self.seats.pop(sid, None)
         if s is not None:
             self.runner.stop(s)
         return s is not None
 
     def session(self, sid: str) -> container.Session | None:
         return self.running.get(sid)
+
+    def vnc_socket(self, sid: str) -> Path:
+        return self.sessions_dir / sid / VNC_SOCKET
 
     def report(self) -> dict[str, Any]:
         return {"memory_total": memory_total(), "sessions": sorted(self.running)}

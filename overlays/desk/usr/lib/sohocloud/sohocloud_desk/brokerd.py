@@ -149,7 +149,7 @@ class BrokerService:
                     self.broker.clock(), placed.grant.machine.name, browser)
         with self._lock:
             self.live[placed.session] = live
-        order = {"session": placed.session, "person": placed.person.name, "uid": placed.person.uid,
+        order = {"session": placed.session, "person": placed.person.name, "uid": placed.person.uid, "seat": seat,
                  "machine": {"name": placed.grant.machine.name, "cpus": placed.grant.machine.cpus,
                              "memory": placed.grant.machine.memory, "pids": placed.grant.machine.pids},
                  "network": placed.grant.network}

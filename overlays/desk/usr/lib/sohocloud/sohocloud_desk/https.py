@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MAX_BODY = 16384  # bytes: every request of these services is small; more is a 413 before it is read
 TIMEOUT = 15  # seconds a client may stall before its connection is dropped
@@ -57,12 +58,16 @@ class Request:
         return json.loads(self.body.decode("utf-8"))
 
 
+Upgrade = Callable[[socket.socket, BinaryIO], None]  # takes the connection over after a 101
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    upgrade: Upgrade | None = None  # a 101: the connection is handed over once the headers are sent
 
     @classmethod
     def of_json(cls, status: int, data: Any, *headers: tuple[str, str]) -> Response:
@@ -142,12 +147,18 @@ def _handler(app: App, log: Callable[[str], None]) -> type[BaseHTTPRequestHandle
 
         def _send(self, resp: Response) -> None:
             self.send_response(resp.status)
-            self.send_header("Content-Type", resp.content_type)
-            self.send_header("Content-Length", str(len(resp.body)))
+            if resp.upgrade is None:
+                self.send_header("Content-Type", resp.content_type)
+                self.send_header("Content-Length", str(len(resp.body)))
             for name, value in resp.headers:
                 self.send_header(name, value)
             self.end_headers()
-            if self.command != "HEAD":
+            if resp.upgrade is not None:
+                self.wfile.flush()
+                self.connection.settimeout(None)  # a desktop may be quiet for long; its session's timers end it
+                self.close_connection = True
+                resp.upgrade(self.connection, self.rfile)
+            elif self.command != "HEAD":
                 self.wfile.write(resp.body)
 
         do_GET = do_POST = do_HEAD = _serve
@@ -180,3 +191,27 @@ def call(ctx: ssl.SSLContext, host: str, port: int, method: str, path: str, data
             return resp.status, {"error": raw[:200].decode(errors="replace")}
     finally:
         conn.close()
+
+
+def open_stream(ctx: ssl.SSLContext, host: str, port: int, path: str, timeout: float = 20) -> ssl.SSLSocket:
+    """A byte stream to another node's *path* (an upgrade to `sohocloud-stream`): the socket, once
+    the other side answered 101. Headers are read a byte at a time, so nothing after them is
+    buffered away from the caller. OSError when refused."""
+    sock = ctx.wrap_socket(socket.create_connection((host, port), timeout=timeout), server_hostname=host)
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: sohocloud-stream\r\n"
+                     "Connection: Upgrade\r\nContent-Length: 0\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = sock.recv(1)
+            if not byte or len(head) > 8192:
+                raise OSError(f"{host}: no answer to the stream request")
+            head += byte
+        status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b""
+        if status != b"101":
+            raise OSError(f"{host}: stream refused ({head.splitlines()[0].decode(errors='replace')})")
+        sock.settimeout(None)
+        return sock
+    except BaseException:
+        sock.close()
+        raise

@@ -3,12 +3,16 @@ screen, or from any browser on the site LAN), their desktop page, sign-out, and 
 
     GET  /             sign-in form (or, signed in, to /desktop)
     POST /sign-in      name, password, otp (a form) -> the broker decides and starts the session
-    GET  /desktop      the person's desktop page (signed in only)
+    GET  /desktop      the person's desktop page (signed in only): noVNC in the page
+    GET  /vnc          (WebSocket) the desktop itself: to the session's VNC socket, here or, through
+                       that host's panel, on the host that runs it
+    GET  /novnc/...    noVNC's client library (Debian's, vendored: /usr/share/sohocloud-desk/novnc)
     POST /alive        the desktop page's heartbeat, every ALIVE s: {"active": bool}
     POST /sign-out     ends the session
     POST /api/start    a script: {name, token} (scope session:start) -> {host}
     POST /api/stop     a script: {name, token} (scope session:stop)
     POST /v1/start, /v1/stop   the broker's orders to this host (agent.py)
+    GET  /v1/vnc?session=ID    (a byte stream) a session this host runs, for the panel whose browser shows it
 
 The browser session is a random id in a cookie (Secure, HttpOnly, SameSite=Strict) that only this
 panel knows; the desktop's session belongs to it and to nothing the page can read or pass on.
@@ -19,20 +23,24 @@ from __future__ import annotations
 
 import html
 import secrets
+import socket
+import ssl
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import inputs
+from . import https, inputs, wsproxy
 from .agent import Agent
 from .https import BROWSER_HEADERS, Request, Response
 
 COOKIE = "desk"
 ALIVE = 15  # seconds between the desktop page's heartbeats
 STATIC = Path(__file__).with_name("static")
-STATIC_FILES = {"/panel.css": "text/css", "/panel.js": "text/javascript"}
+STATIC_FILES = {"/panel.css": "text/css", "/panel.js": "text/javascript", "/desktop.js": "text/javascript"}
+NOVNC = Path("/usr/share/sohocloud-desk/novnc")
 
 BrokerCall = Callable[[str, str, Any], tuple[int, Any]]  # (method, path, data) -> (status, data)
 
@@ -58,10 +66,17 @@ class PanelService:
     disconnect_timeout: float
     clock: Callable[[], float]
     log: Callable[[str], None]
+    node_ctx: ssl.SSLContext  # this node's client TLS, for the stream from another host's panel
+    host_address: Callable[[str], tuple[str, int]]  # a host's fqdn -> where its panel listens
+    novnc: Path = NOVNC
     browsers: dict[str, Browser] = field(default_factory=dict)  # cookie value -> Browser
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, req: Request) -> Response:
+        if req.path == "/v1/vnc":
+            return self.vnc_stream(req)
+        if req.method == "GET" and req.path.startswith("/novnc/"):
+            return self.novnc_file(req)
         if req.path in ("/v1/start", "/v1/stop"):
             try:
                 data = req.json()
@@ -71,7 +86,10 @@ class PanelService:
         route = BROWSER_ROUTES.get((req.method, req.path))
         if route is None:
             return self._page(404, "Not found", "<p>There is nothing here. <a href=\"/\">Sign in</a>.</p>")
-        if req.method == "POST" and req.headers.get("origin") not in self.origins and not req.path.startswith("/api/"):
+        # Form posts and the WebSocket must come from this panel's own pages (cross-site request and
+        # cross-site WebSocket forgery); browsers always send Origin on both.
+        if ((req.method == "POST" or req.path == "/vnc") and req.headers.get("origin") not in self.origins
+                and not req.path.startswith("/api/")):
             return self._page(403, "Refused", "<p>This form must be sent from the panel's own page.</p>")
         return route(self, req)
 
@@ -115,7 +133,63 @@ class PanelService:
         return self._page(200, "Desktop", f"""<header><span id="person">{html.escape(b.person)}</span>
 <span class="where">desktop on <span id="host">{html.escape(b.host)}</span></span>
 <form method="post" action="/sign-out"><button type="submit" id="sign-out">Sign out</button></form></header>
-<div id="screen" data-alive="{ALIVE}"></div><script src="/panel.js"></script>""")
+<div id="screen" data-alive="{ALIVE}" data-state="connecting"></div><script src="/panel.js"></script>
+<script type="module" src="/desktop.js"></script>""")
+
+    def novnc_file(self, req: Request) -> Response:
+        rel = urllib.parse.unquote(req.path[len("/novnc/"):])
+        path = (self.novnc / rel).resolve()
+        if not (path.is_relative_to(self.novnc.resolve()) and path.suffix == ".js" and path.is_file()):
+            return Response.of_json(404, {"error": "no such file"})
+        return Response(200, path.read_bytes(), "text/javascript", BROWSER_HEADERS)
+
+    # ------------------------------------------------------------------ the desktop's stream
+
+    def vnc(self, req: Request) -> Response:
+        """The browser's WebSocket to its desktop: only with the cookie of the browser session that
+        signed in, from this panel's own page."""
+        found = self._browser(req)
+        if not found:
+            return Response.of_json(401, {"error": "not signed in"})
+        try:
+            headers = wsproxy.upgrade_headers(req.headers)
+        except wsproxy.ProtocolError as e:
+            return Response.of_json(400, {"error": str(e)})
+        b = found[1]
+        try:
+            target = self._open_desktop(b)
+        except OSError as e:
+            self.log(f"desktop of {b.person} on {b.host}: {e}")
+            return Response.of_json(502, {"error": "the desktop is not reachable (starting, or ended)"})
+        return Response(101, headers=headers, upgrade=lambda conn, rfile: wsproxy.websocket_bridge(conn, rfile, target))
+
+    def _open_desktop(self, b: Browser) -> socket.socket:
+        if b.host == self.name:
+            return self._vnc_socket(b.session)
+        host, port = self.host_address(b.fqdn)
+        return https.open_stream(self.node_ctx, host, port, f"/v1/vnc?session={b.session}")
+
+    def _vnc_socket(self, session: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.agent.vnc_socket(session)))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def vnc_stream(self, req: Request) -> Response:
+        """Another host's panel asks for a session this host runs: only the panel whose browser
+        shows that session (its seat, from the broker's order)."""
+        session = urllib.parse.parse_qs(req.query).get("session", [""])[0]
+        if self.agent.session(session) is None or req.peer != self.agent.seats.get(session):
+            return Response.of_json(403, {"error": "not your session's seat"})
+        try:
+            target = self._vnc_socket(session)
+        except OSError:
+            return Response.of_json(502, {"error": "the desktop is not reachable"})
+        return Response(101, headers=(("Upgrade", "sohocloud-stream"), ("Connection", "Upgrade")),
+                        upgrade=lambda conn, rfile: wsproxy.byte_bridge(conn, rfile, target))
 
     # ------------------------------------------------------------------ sign-in and out
 
@@ -207,6 +281,8 @@ BROWSER_ROUTES: dict[tuple[str, str], Callable[[PanelService, Request], Response
     ("GET", "/"): PanelService.index,
     ("GET", "/panel.css"): PanelService.static,
     ("GET", "/panel.js"): PanelService.static,
+    ("GET", "/desktop.js"): PanelService.static,
+    ("GET", "/vnc"): PanelService.vnc,
     ("GET", "/desktop"): PanelService.desktop,
     ("POST", "/sign-in"): PanelService.sign_in,
     ("POST", "/sign-out"): PanelService.sign_out,

@@ -77,18 +77,19 @@ def broker_service(section: dict[str, Any], tls: https.TlsFiles, own: str, state
 
 def panel_service(own: dict[str, str], broker: dict[str, str], tls: https.TlsFiles, runner: Runner,
                   timeouts: dict[str, int], clock: Callable[[], float], log: Callable[[str], None], *,
-                  homes: Path, sessions_dir: Path, port: int = PANEL_PORT,
-                  broker_call: BrokerCall | None = None) -> PanelService:
+                  homes: Path, sessions_dir: Path, port: int = PANEL_PORT, broker_call: BrokerCall | None = None,
+                  host_address: Callable[[str], tuple[str, int]] = lambda fqdn: (fqdn, PANEL_PORT),
+                  novnc: Path | None = None) -> PanelService:
     """This host's panel and agent. *own* and *broker* are {name, fqdn, address} from the seed."""
+    ctx = https.client_context(tls)
     if broker_call is None:
-        ctx = https.client_context(tls)
-
         def broker_call(method: str, path: str, data: Any) -> tuple[int, Any]:
             return https.call(ctx, broker["fqdn"], BROKER_PORT, method, path, data)
 
     agent = Agent(broker["name"], runner, homes, sessions_dir)
     return PanelService(own["name"], origins([own["fqdn"], own["name"], own["address"]], port), broker_call, agent,
-                        float(timeouts["idle_timeout"]), float(timeouts["disconnect_timeout"]), clock, log)
+                        float(timeouts["idle_timeout"]), float(timeouts["disconnect_timeout"]), clock, log, ctx,
+                        host_address, **({"novnc": novnc} if novnc else {}))
 
 
 def heartbeat(panel: PanelService) -> None:
