@@ -87,7 +87,7 @@ class XvncRunner(Recorder):
 
     def start(self, s) -> None:
         super().start(s)
-        folder = Path(s.session_dir)
+        folder = Path(s.session_dir) / "vnc"  # as the container mounts it (container.run_argv)
         folder.mkdir(parents=True, mode=0o700)
         read, write = os.pipe()  # -displayfd: the X server picks a free display and says which
         self.procs[s.id] = subprocess.Popen(

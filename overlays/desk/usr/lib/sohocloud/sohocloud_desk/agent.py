@@ -23,7 +23,7 @@ from .https import Request, Response
 SESSION_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 MIN_UID = 1000  # a person's uid: never a system account's
 MAX_UNIX_PATH = 107  # bytes of a unix socket's path (sun_path less its NUL)
-VNC_SOCKET = "vnc.sock"  # in the session's folder, which the container sees as container.VNC_DIR
+VNC_SOCKET = "vnc/vnc.sock"  # in the session's folder: its vnc/ is the container's container.VNC_DIR
 CPUS_RE = re.compile(r"[0-9]{1,3}(\.[0-9]{1,2})?")
 
 
