@@ -61,7 +61,6 @@ class BrokerService:
     hosts: dict[str, dict[str, str]]  # name -> {name, fqdn, address} (from the seed)
     own_name: str  # the broker's node: its certificate is the admin's
     host_call: HostCall
-    people_uid: dict[str, int]
     live: dict[str, Live] = field(default_factory=dict)  # session id -> Live
     seen: dict[str, HostSeen] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

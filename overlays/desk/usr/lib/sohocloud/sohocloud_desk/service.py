@@ -72,7 +72,7 @@ def broker_service(section: dict[str, Any], tls: https.TlsFiles, own: str, state
         def host_call(name: str, method: str, path: str, data: Any) -> tuple[int, Any]:
             return https.call(ctx, hosts[name]["fqdn"], int(hosts[name].get("port", PANEL_PORT)), method, path, data)
 
-    return BrokerService(broker, hosts, own, host_call, {p.name: p.uid for p in broker.people.values()})
+    return BrokerService(broker, hosts, own, host_call)
 
 
 def panel_service(own: dict[str, str], broker: dict[str, str], tls: https.TlsFiles, runner: Runner,

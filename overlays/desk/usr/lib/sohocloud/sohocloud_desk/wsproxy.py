@@ -121,6 +121,24 @@ def _shut(*socks: socket.socket) -> None:
             pass
 
 
+def _both_ways(a: socket.socket, b: socket.socket, forward: Callable[[], None], back: Callable[[], None]) -> None:
+    """*back* in a thread, *forward* here; whichever ends first (a close, an error) shuts both
+    sockets, which ends the other; then *b* is closed (*a* is its server's to close)."""
+    def guarded(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except (EOFError, OSError, ProtocolError):
+            pass
+        finally:
+            _shut(a, b)
+
+    t = threading.Thread(target=guarded, args=(back,), daemon=True)
+    t.start()
+    guarded(forward)
+    t.join(5)
+    b.close()
+
+
 def websocket_bridge(client: socket.socket, client_in: BinaryIO, target: socket.socket) -> None:
     """Browser (WebSocket) <-> target (bytes) until either side closes; then both are closed."""
     lock = threading.Lock()
@@ -129,48 +147,26 @@ def websocket_bridge(client: socket.socket, client_in: BinaryIO, target: socket.
         with lock:
             client.sendall(frame)
 
-    def to_browser() -> None:
-        try:
-            while chunk := target.recv(CHUNK):
-                send(encode(OP_BINARY, chunk))
-            send(encode(OP_CLOSE, struct.pack(">H", 1000)))
-        except OSError:
-            pass
-        finally:
-            _shut(client, target)
-
-    t = threading.Thread(target=to_browser, daemon=True)
-    t.start()
-    try:
+    def to_target() -> None:
         while data := messages(client_in, send):
             target.sendall(data)
-    except (EOFError, OSError, ProtocolError):
-        pass
-    finally:
-        _shut(client, target)
-        t.join(5)
-        target.close()
+
+    def to_browser() -> None:
+        while chunk := target.recv(CHUNK):
+            send(encode(OP_BINARY, chunk))
+        send(encode(OP_CLOSE, struct.pack(">H", 1000)))
+
+    _both_ways(client, target, to_target, to_browser)
 
 
 def byte_bridge(a: socket.socket, a_in: BinaryIO, b: socket.socket) -> None:
     """Bytes both ways between two sockets (*a_in* is a's buffered reader: it may hold bytes already)."""
-    def b_to_a() -> None:
-        try:
-            while chunk := b.recv(CHUNK):
-                a.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            _shut(a, b)
-
-    t = threading.Thread(target=b_to_a, daemon=True)
-    t.start()
-    try:
+    def a_to_b() -> None:
         while chunk := a_in.read1(CHUNK):
             b.sendall(chunk)
-    except OSError:
-        pass
-    finally:
-        _shut(a, b)
-        t.join(5)
-        b.close()
+
+    def b_to_a() -> None:
+        while chunk := b.recv(CHUNK):
+            a.sendall(chunk)
+
+    _both_ways(a, b, a_to_b, b_to_a)
