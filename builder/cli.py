@@ -14,7 +14,8 @@ from .errors import SohoError
 from .fleet.build import fleet_build
 from .fleet.checks import CHECKS, FleetProbe, run_checks
 from .fleet.record import load_built, site_name_of
-from .fleet.running import FleetPaths, check_root, fleet_down, fleet_ssh_argv
+from .fleet.running import FleetPaths, booted_record, check_root, fleet_down, fleet_ssh_argv
+from .fleet.sitefile import NAME_RE
 from .fleet.up import fleet_up
 from .image.cache import StageCache
 from .image.config import Repo
@@ -91,6 +92,26 @@ def cmd_fleet_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fleet_sessions(args: argparse.Namespace) -> int:
+    """The site's desktop sessions, from its broker (over SSH, as the admin): list, or end one person's."""
+    name, _file = site_name_of(Repo.default().root, args.site)
+    paths = FleetPaths(Path(args.output), name)
+    broker = booted_record(paths, name).provider("desktops")
+    if broker is None:
+        raise SohoError(f"site {name}: no node provides desktops (control's role does)")
+    command = ["sudo", "sohocloud-desk", *(("end", args.end) if args.end else ("sessions",))]
+    argv = fleet_ssh_argv(paths, name, broker.name, command, args.identity)
+    os.execvp(argv[0], argv)
+    return 127  # not reached
+
+
+def person_name(text: str) -> str:
+    """A site person's name (it goes into the remote command line: nothing else may)."""
+    if not NAME_RE.match(text):
+        raise argparse.ArgumentTypeError(f"expected a person's name from the site file, got {text!r}")
+    return text
+
+
 def cmd_fleet_ssh(args: argparse.Namespace) -> int:
     name, _file = site_name_of(Repo.default().root, args.site)
     argv = fleet_ssh_argv(FleetPaths(Path(args.output), name), name, args.node, args.after_dashes, args.identity)
@@ -116,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     add_fleet_up(fsub)
     add_fleet_test(fsub)
     add_fleet_ssh(fsub)
+    add_fleet_sessions(fsub)
     add_fleet_down(fsub)
     return p
 
@@ -191,6 +213,15 @@ def add_fleet_test(fsub) -> None:
     s.add_argument("-i", "--identity", required=True, help="the admin's private key")
     s.add_argument("-k", "--only", action="append", default=[], metavar="CHECK", help="run only this check")
     s.set_defaults(func=cmd_fleet_test)
+
+
+def add_fleet_sessions(fsub) -> None:
+    s = fsub.add_parser("sessions", help="who has a desktop session where (from the site's broker); --end NAME ends one")
+    s.add_argument("site")
+    add_output(s)
+    s.add_argument("--end", type=person_name, metavar="NAME", help="end NAME's session (it is wiped)")
+    s.add_argument("-i", "--identity", help="private key file (default: ssh's own choice, e.g. the agent)")
+    s.set_defaults(func=cmd_fleet_sessions)
 
 
 def add_fleet_ssh(fsub) -> None:

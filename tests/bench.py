@@ -41,6 +41,8 @@ from builder.proc import run  # noqa: E402
 from builder.seed import render_seed, write_cidata  # noqa: E402
 
 MANUAL_MARK = "<!-- kept by make bench: notes below this line are not regenerated -->"
+# The desktops' block: `--desktops-only` rewrites only what is between these.
+DESK_BEGIN, DESK_END = "<!-- desktops: begin -->", "<!-- desktops: end -->"
 LOGIN_RE = re.compile(rb"login: ")
 
 
@@ -158,8 +160,9 @@ def boot_stock(stock_tar: Path, work: Path, cfg, logdir: Path) -> float:
 # --------------------------------------------------------------------------- report
 
 
-def site_bench(work: Path, key_pub: str) -> dict[str, float]:
-    """The example site: fleet build cold (every stage) and warm, then boot-to-all-joined."""
+def site_bench(work: Path, key_pub: str, rounds: int, desktops_only: bool = False) -> tuple[dict[str, float], dict]:
+    """The example site: fleet build cold (every stage) and warm, then boot-to-all-joined, the
+    desktops, the diskless PCs' power-on to joined. *desktops_only*: a warm build, the desktops."""
     site_file = work / "benchsite.yaml"
     text = (REPO / "sites/example.yaml").read_text()
     text = re.sub(r"(?m)^site: example$", "site: benchsite", text)
@@ -167,9 +170,11 @@ def site_bench(work: Path, key_pub: str) -> dict[str, float]:
     out, secrets = work / "site-out", work / "site-secrets"
     cli = [sys.executable, "-m", "builder.cli", "fleet"]
     r: dict[str, float] = {}
-    print("bench: site build, cold (every stage of every image; .debs cached)", flush=True)
-    r["site_cold"], _ = timed(lambda: run(cli + ["build", str(site_file), "-o", str(out), "--secrets", str(secrets),
-                                                 "--no-cache"]))
+    desk: dict = {}
+    if not desktops_only:
+        print("bench: site build, cold (every stage of every image; .debs cached)", flush=True)
+        r["site_cold"], _ = timed(lambda: run(cli + ["build", str(site_file), "-o", str(out), "--secrets",
+                                                     str(secrets), "--no-cache"]))
     print("bench: site build, warm", flush=True)
     r["site_warm"], _ = timed(lambda: run(cli + ["build", str(site_file), "-o", str(out), "--secrets", str(secrets)]))
     print("bench: fleet up until every node is joined and settled", flush=True)
@@ -181,6 +186,10 @@ def site_bench(work: Path, key_pub: str) -> dict[str, float]:
         CHECKS["cluster"](probe)
         CHECKS["units"](probe)
         r["fleet_joined"] = time.monotonic() - t0
+        CHECKS["desktops"](probe)
+        desk = desktop_bench(probe, work / "seat", rounds)
+        if desktops_only:
+            return r, desk
         # A diskless PC powered on again with the site up: iPXE, kernel + initrd and the squashfs
         # over HTTP, sha256 check, boot, seed, cluster join (`fleet up --only` waits until it settled).
         for n in probe.nodes_with(lambda m: m.get("bootloader") == "ipxe"):
@@ -192,7 +201,128 @@ def site_bench(work: Path, key_pub: str) -> dict[str, float]:
             r[f"pxe_joined_{n.firmware}"] = time.monotonic() - t1
     finally:
         subprocess.run(cli + ["down", str(site_file), "-o", str(out)], capture_output=True)
-    return r
+    return r, desk
+
+
+# `podman run` of the desktop template alone, on the host that runs the sessions, as root: no
+# sign-in, no systemd unit, no user namespace set-up; until its VNC server says its RFB banner.
+PLAIN_PODMAN = r"""
+import os, socket, subprocess, sys, tempfile, time
+vnc = tempfile.mkdtemp(dir="/run")
+argv = ["podman", "--runtime=crun", "run", "--rm", "--read-only", "--network=none", "--volume",
+        vnc + ":/run/sohocloud-desktop", "--rootfs", "/var/lib/sohocloud-desk/template",
+        "/usr/local/bin/sohocloud-desktop"]
+t = time.monotonic()
+p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+while time.monotonic() - t < 300:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(vnc + "/vnc.sock")
+            if s.recv(12).startswith(b"RFB"):
+                break
+    except OSError:
+        time.sleep(0.05)
+print(f"{time.monotonic() - t:.2f}")
+p.terminate()
+p.wait(60)
+"""
+
+
+def desktop_bench(probe: FleetProbe, work: Path, rounds: int) -> dict:
+    """Sign-in to the first desktop frame in the browser (Chromium at the LAN seat, password + TOTP),
+    beside `podman run` of the same template alone on the same host, interleaved; the memory an idle
+    session holds; the standard sessions each workstation host has room for."""
+    sys.path.insert(0, str(REPO / "tests/boot"))
+    from desk_seat import Seat
+    work.mkdir(parents=True, exist_ok=True)
+    hosts = probe.users_of("desktops")
+    seat = Seat(probe.netns, probe.secrets, [n.name for n in hosts], work)
+    ours, plain, memory, host = [], [], [], ""
+    try:
+        for i in range(rounds):
+            print(f"bench: desktop sign-in {i + 1}/{rounds}", flush=True)
+            page = seat(browser="b", do="sign_in", url=f"https://{hosts[0].address}/", **seat.credentials("alice"))
+            if page["page"] != "desktop":
+                raise SystemExit(f"bench: sign-in refused: {page}")
+            ours.append(seat(browser="b", do="first_frame", timeout=300)["seconds"])
+            host = page["host"]
+            node = probe.site.node(host)
+            time.sleep(30)  # idle
+            memory.append(int(probe.ssh(node, "sudo systemctl show -p MemoryCurrent --value 'desk-*.service'").stdout))
+            seat(browser="b", do="sign_out")
+            plain.append(float(probe.ssh(node, f"sudo python3 -c '{PLAIN_PODMAN}'", timeout=400).stdout))
+    finally:
+        seat.close()
+    room = {}
+    for n in hosts:
+        total = int(probe.ssh(n, "awk '/MemTotal/ {print $2}' /proc/meminfo").stdout) * 1024
+        room[n.name] = total
+    return {"desk_ours": ours, "desk_plain": plain, "desk_memory": memory, "desk_host": host, "desk_room": room}
+
+
+def desktop_lines(d: dict, site: dict) -> list[str]:
+    """The desktops' table: *site* is the example site's desktops section (its standard machine type
+    and host reserve decide how many sessions fit)."""
+    from builder.image.schema import parse_size
+    standard = parse_size(site["standard"])
+    reserve = parse_size(site["reserve"])
+    ours, plain = statistics.median(d["desk_ours"]), statistics.median(d["desk_plain"])
+    mem = statistics.median(d["desk_memory"]) / (1 << 20)
+    lines = [f"Desktops (issue 22), on the booted example site, {len(d['desk_ours'])} rounds interleaved, "
+             f"medians (min–max); the sessions ran on {d['desk_host']}:",
+             "",
+             "| measure | sohocloud | baseline |",
+             "|---|---|---|",
+             f"| sign-in to the first desktop frame (Chromium at the LAN seat: submit → first pixel on noVNC's "
+             f"canvas; LDAP + TOTP, placement, systemd unit, rootless podman, noVNC) | {ours:.1f} s "
+             f"({min(d['desk_ours']):.1f}–{max(d['desk_ours']):.1f}) | {plain:.1f} s "
+             f"({min(d['desk_plain']):.1f}–{max(d['desk_plain']):.1f}) `podman run` of the same template alone "
+             "(as root, to the VNC server's banner) |",
+             f"| memory of an idle session (the unit's MemoryCurrent, 30 s after its first frame) | {mem:.1f} MiB | |",
+             "",
+             f"Ratio: sign-in to first frame / plain podman run = {ours / plain:.2f}.",
+             "",
+             f"How many sessions a host holds (placement: RAM less host_reserve {site['reserve']}, over the "
+             f"machine type's memory limit; the example's `standard` is {site['standard']}):",
+             "",
+             "| host | RAM | standard sessions |",
+             "|---|---|---|"]
+    for name, total in d["desk_room"].items():
+        lines.append(f"| {name} (this run's VM) | {total / (1 << 30):.1f} GiB | {max(0, (total - reserve) // standard)} |")
+    for gib in (8, 16, 32):
+        lines.append(f"| an office PC | {gib} GiB | {max(0, ((gib << 30) - reserve) // standard)} |")
+    return lines + [""]
+
+
+def example_desktops() -> dict[str, str]:
+    from builder.fleet.sitefile import load_repo_site
+    d = load_repo_site(Repo(REPO), str(REPO / "sites/example.yaml")).desktops
+    return {"standard": d.types()["standard"].memory, "reserve": d.host_reserve}
+
+
+def desktops_only(out_path: Path, rounds: int) -> int:
+    """`--desktops-only`: the example site up (a warm build), the desktops measured; their block in
+    *out_path* rewritten with this run's date, the rest of the file kept as it was."""
+    work = Path(tempfile.mkdtemp(prefix="sohocloud-bench.", dir=StageCache().tmp))
+    try:
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / "key")])
+        _r, desk = site_bench(work, (work / "key.pub").read_text().strip(), rounds, desktops_only=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    m = machine()
+    block = "\n".join([DESK_BEGIN, f"(`tests/bench.py --desktops-only` on {m['date']}, same machine.)", "",
+                       *desktop_lines(desk, example_desktops()), DESK_END])
+    text = out_path.read_text()
+    if DESK_BEGIN in text:
+        text = text.split(DESK_BEGIN)[0] + block + text.split(DESK_END, 1)[1]
+    else:
+        text = text.replace(MANUAL_MARK, block + "\n\n" + MANUAL_MARK)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out_path)
+    print(block)
+    return 0
 
 
 def arm64_bench(cfg, out_dir: Path, seed: Path, logdir: Path, boots: int) -> dict:
@@ -262,7 +392,11 @@ def main() -> int:
     ap.add_argument("--output", default="BENCHMARKS.md")
     ap.add_argument("--boots", type=int, default=3, help="boots of each kind (median reported)")
     ap.add_argument("--no-site", action="store_true", help="skip the example site (build + fleet up)")
+    ap.add_argument("--desktops-only", action="store_true",
+                    help="only the example site's desktops (warm build, fleet up): rewrites their block alone")
     args = ap.parse_args()
+    if args.desktops_only:
+        return desktops_only(REPO / args.output, args.boots)
     out_path = REPO / args.output
     work = Path(tempfile.mkdtemp(prefix="sohocloud-bench.", dir=StageCache().tmp))
     logdir = REPO / "out" / "bench-logs"
@@ -305,7 +439,8 @@ def main() -> int:
         stock_tar_bytes = (work / "stock.tar").stat().st_size
         arm = arm64_bench(cfg, out_dir, seed, logdir, args.boots)
         if not args.no_site:
-            r.update(site_bench(work, (work / "key.pub").read_text().strip()))
+            site_r, desk = site_bench(work, (work / "key.pub").read_text().strip(), args.boots)
+            r.update(site_r)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -345,7 +480,7 @@ def main() -> int:
         *arm64_lines(r, arm),
         *([] if args.no_site else [
             "Site (`sites/example.yaml`: router, control, workstation host (amd64), storage as an arm64 ROCK64 "
-            "card, two diskless PCs (PXE, BIOS and UEFI) + the desktop OCI image), one run each:",
+            "card, two diskless PCs (PXE, BIOS and UEFI) + the desktop template), one run each:",
             "",
             "| measure | sohocloud |",
             "|---|---|",
@@ -358,7 +493,8 @@ def main() -> int:
             *[f"| diskless PC ({fw}): power-on to joined (PXE, iPXE, {fw.upper()}; squashfs over HTTP, sha256, "
               f"seed, swarm join) | {r[f'pxe_joined_{fw}']:.1f} s |" for fw in ("bios", "uefi")
               if f"pxe_joined_{fw}" in r],
-            ""]),
+            "",
+            DESK_BEGIN, *desktop_lines(desk, example_desktops()), DESK_END, ""]),
         *(["Site figures: not measured in this run (`--no-site`).", ""] if args.no_site else []),
         f"Boot times: median of {args.boots} boots of each kind (min–max), interleaved; from QEMU start; SSH is first seen by a probe polling the forwarded port "
         "(first firstboot included: seed read, host key generated). Console logs: `out/bench-logs/`.",

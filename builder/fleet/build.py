@@ -22,7 +22,7 @@ from ..image.distro.foreign import is_foreign
 from ..image.pipeline import build, check_build_host
 from ..image.s1_resolve import load_profile, resolve
 from ..image.s5_assemble import artefact_path
-from ..image.s6_manifest import manifest_path
+from ..image.s6_manifest import manifest_path, recorded_sha256
 from ..image.schema import Profile
 from ..progress import plain_lines
 from .pxe import pxe_volume_path, write_pxe_volume
@@ -59,6 +59,10 @@ class SitePlan:
     @property
     def netboot(self) -> list[SiteNode]:
         return [n for n in self.site.nodes if self.node_cfg(n).target.netboot]
+
+    def served_images(self) -> list[BuildConfig]:
+        """The images nodes use besides their own (the desktop template): the PXE server serves them."""
+        return list({c.slug: c for n in self.site.nodes for c in self.used_images(n)}.values())
 
 
 def fleet_build(repo: Repo, site_arg: str, out: Path, secrets_root: Path, *, use_cache: bool = True) -> Path:
@@ -100,6 +104,9 @@ def plan_site(repo: Repo, path: Path) -> SitePlan:
     if plan.netboot and "pxe" not in providers:
         raise SohoError(f"site {site.name}: {', '.join(n.name for n in plan.netboot)} boot(s) from the network, "
                         "but no node provides pxe (the router's role does, through profiles/pxe-server.yaml)")
+    if plan.served_images() and "pxe" not in providers:
+        raise SohoError(f"site {site.name}: {', '.join(c.slug for c in plan.served_images())} is fetched by its "
+                        "nodes from the PXE server, but no node provides pxe (the router's role does)")
     return plan
 
 
@@ -157,7 +164,7 @@ def write_seeds(plan: SitePlan, secrets: SiteSecrets, out: Path) -> dict[str, Pa
     seeds = {}
     for node in site.nodes:
         seeds[node.name] = write_node_seed(site, node, secrets, folder, plan.profiles, site_text, netboot,
-                                           plan.site_file.parent)
+                                           plan.site_file.parent, served_images(plan, node, out))
         log.info("fleet %s: seed for %s (%s) -> %s", site.name, node.name, node.role, seeds[node.name])
         cfg = plan.node_cfg(node)
         if "img.xz" in cfg.target.outputs:
@@ -166,15 +173,29 @@ def write_seeds(plan: SitePlan, secrets: SiteSecrets, out: Path) -> dict[str, Pa
     return seeds
 
 
+def served_images(plan: SitePlan, node: SiteNode, out: Path) -> tuple[dict[str, str], ...]:
+    """The node's other images as the PXE server serves them (http://<server>/images/<file>), with
+    the sha256 the node checks before it uses one."""
+    if not plan.used_images(node):
+        return ()
+    server = plan.providers["pxe"]
+    # The sha256 the build recorded (SHA256SUMS); the PXE volume step checks the file against it.
+    return tuple({"file": f.name, "url": f"http://{server.address}/images/{f.name}",
+                  "sha256": recorded_sha256(out, f) or ""}
+                 for f in (artefact_path(c, out) for c in plan.used_images(node)))
+
+
 def write_pxe(plan: SitePlan, seeds: dict[str, Path], out: Path) -> Path | None:
-    """The PXE server's volume: the netboot sets and the diskless nodes' seeds."""
-    if not plan.netboot:
+    """The PXE server's volume: the netboot sets, the diskless nodes' seeds, the served images."""
+    images = [artefact_path(c, out) for c in plan.served_images()]
+    if not plan.netboot and not images:
         return None
     server = plan.providers["pxe"]
     sets = {n.name: artefact_path(plan.node_cfg(n), out) for n in plan.netboot}
-    volume = write_pxe_volume(plan.site, server, sets, seeds, out, pxe_volume_path(out, plan.site))
-    log.info("fleet %s: netboot sets and seeds of %s -> %s (served by %s)", plan.site.name,
-             ", ".join(n.name for n in plan.netboot), volume, server.name)
+    volume = write_pxe_volume(plan.site, server, sets, seeds, out, pxe_volume_path(out, plan.site), images)
+    log.info("fleet %s: netboot sets and seeds of %s, %s -> %s (served by %s)", plan.site.name,
+             ", ".join(n.name for n in plan.netboot) or "no node", ", ".join(f.name for f in images) or "no image",
+             volume, server.name)
     return volume
 
 

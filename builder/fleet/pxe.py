@@ -8,6 +8,8 @@ out/<site>/pxe.img, an ext4 volume labelled sohocloud-pxe (mounted at /srv/pxe):
                                boot.ipxe), checked against SHA256SUMS before they are copied
   http/seeds/<mac>/            each netboot node's NoCloud seed (0640 root:www-data; the server
                                hands a folder only to the address the site reserved for that MAC)
+  http/images/                 the images nodes fetch (the desktop template, checked by the sha256
+                               in their seeds)
 
 A real router gets the same files with `rsync -a out/<site>/pxe/ router:/srv/pxe/` or on a
 USB disk with that label; `fleet up` attaches the volume to the router's VM.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import SohoError
@@ -51,13 +54,20 @@ def site_boot_script(site: Site, server: str, sets: dict[str, str]) -> str:
 
 
 def write_pxe_volume(site: Site, server: SiteNode, sets: dict[str, Path], seeds: dict[str, Path], out: Path,
-                     volume: Path) -> Path:
+                     volume: Path, images: Sequence[Path] = ()) -> Path:
     """Build the PXE volume for *site* at *volume*. *sets*: node name -> its netboot set folder
-    (out/pxe/<set>); *seeds*: node name -> its cidata image. Staged beside *volume*, renamed."""
+    (out/pxe/<set>); *seeds*: node name -> its cidata image; *images*: files served under images/.
+    Staged beside *volume*, renamed."""
     stage = volume.with_name("." + volume.name + ".tree")
     shutil.rmtree(stage, ignore_errors=True)
     http = stage / "http"
     try:
+        http.mkdir(parents=True)
+        for f in images:
+            if recorded_sha256(out, f) != sha256_file(f):
+                raise SohoError(f"{f}: does not match {out / 'SHA256SUMS'}: rebuild it (sohocloud fleet build)")
+            (http / "images").mkdir(exist_ok=True)
+            _link_or_copy(f, http / "images" / f.name)
         for name, src in sorted(sets.items()):
             dest = http / "pxe" / src.name
             if dest.is_dir():
@@ -67,7 +77,8 @@ def write_pxe_volume(site: Site, server: SiteNode, sets: dict[str, Path], seeds:
                 if recorded_sha256(out, f) != sha256_file(f):
                     raise SohoError(f"{f}: does not match {out / 'SHA256SUMS'}: rebuild it (sohocloud fleet build)")
                 _link_or_copy(f, dest / f.name)
-        (http / "boot.ipxe").write_text(site_boot_script(site, server.address, {n: p.name for n, p in sets.items()}))
+        if sets:
+            (http / "boot.ipxe").write_text(site_boot_script(site, server.address, {n: p.name for n, p in sets.items()}))
         for name in sorted(sets):
             node = site.node(name)
             d = http / "seeds" / node.mac
@@ -78,7 +89,7 @@ def write_pxe_volume(site: Site, server: SiteNode, sets: dict[str, Path], seeds:
                 p.write_text(text)
                 os.chown(p, 0, WWW_DATA_GID)
                 os.chmod(p, 0o640)
-        for d in (stage, http, http / "pxe", http / "seeds"):
+        for d in (stage, http, http / "pxe", http / "seeds", http / "images"):
             d.mkdir(exist_ok=True)
             os.chmod(d, 0o755)
         size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())

@@ -21,7 +21,7 @@ from ..image.schema import Profile, parse_size
 from ..seed import default_instance_id, render_seed, write_cidata
 from .desktops import parse_duration
 from .secrets import SiteSecrets
-from .sitefile import Site, SiteNode
+from .sitefile import SITE_IDS, Site, SiteNode
 
 log = logging.getLogger("sohocloud.fleet")
 
@@ -55,6 +55,8 @@ class SeedContext:
     secrets: SiteSecrets
     site_text: str  # the site file as written (it contains no secrets)
     site_dir: Path = Path(".")  # where the site's relative files are (desktops' htpasswd), as its checks found them
+    # The other images the node uses as the PXE server serves them: {file, url, sha256} (the desktop template).
+    images: tuple[dict[str, str], ...] = ()
 
     def fqdn(self, node: SiteNode) -> str:
         return f"{node.name}.{self.site.domain}"
@@ -62,6 +64,14 @@ class SeedContext:
     def where(self, service: str) -> dict[str, str]:
         n = self.providers[service]
         return {"name": n.name, "fqdn": self.fqdn(n), "address": n.address}
+
+    def template(self) -> dict[str, str]:
+        """The container template the node runs sessions on (a squashfs it fetches and mounts)."""
+        found = [i for i in self.images if i["file"].endswith(".squashfs")]
+        if len(found) != 1:
+            raise SohoError(f"role {self.node.role}: uses desktops, so its profile's `images` must name one "
+                            f"template (e.g. {{role: desktop, target: template}}), got {len(found)}")
+        return dict(found[0])
 
     def home(self, user: str) -> str:
         return f"{NAS_MOUNT}/{user}" if "nas" in self.providers else f"/home/{user}"
@@ -187,7 +197,9 @@ PROVIDER_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
 }
 CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "cluster": _cluster_client,
-    "desktops": lambda c: {"desk": {"broker": c.where("desktops"),
+    "desktops": lambda c: {"desk": {"broker": c.where("desktops"), "template": c.template(),
+                                    "lan": c.site.lan,
+                                    "people_uids": [SITE_IDS.start, SITE_IDS.stop - 1],
                                     "idle_timeout": parse_duration(c.site.desktops.idle_timeout),
                                     "disconnect_timeout": parse_duration(c.site.desktops.disconnect_timeout)}},
     "git": lambda c: {},
@@ -253,10 +265,12 @@ def node_settings(site: Site, node: SiteNode, secrets: SiteSecrets, services: Se
 
 def write_node_seed(site: Site, node: SiteNode, secrets: SiteSecrets, out_dir: Path,
                     profiles: dict[str, Profile] | None = None, site_text: str = "",
-                    netboot: frozenset[str] = frozenset(), site_dir: Path = Path(".")) -> Path:
+                    netboot: frozenset[str] = frozenset(), site_dir: Path = Path("."),
+                    images: tuple[dict[str, str], ...] = ()) -> Path:
     services = None
     if profiles is not None:
-        services = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, site_text, site_dir)
+        services = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, site_text, site_dir,
+                               images)
     settings = node_settings(site, node, secrets, services, netboot)
     network = node_network(site, node)
     # The instance-id (a new one re-provisions the node) ignores the site file's

@@ -86,7 +86,7 @@ class User:
 
 # Site services a role can provide or use (see Profile.provides/uses and
 # builder/fleet.py, which writes each one's seed sections).
-SERVICES = ("cluster", "git", "ldap", "logs", "metrics", "nas", "pxe")
+SERVICES = ("cluster", "desktops", "git", "ldap", "logs", "metrics", "nas", "pxe")
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ class Target:
     name: str
     description: str
     arches: dict[str, ArchSpec]
-    outputs: tuple[Literal["qcow2", "img.xz", "oci", "pxe"], ...]
+    outputs: tuple[Literal["qcow2", "img.xz", "oci", "pxe", "squashfs"], ...]
     # node: a bootable machine image; container: a userland only (roles of the same kind).
     kind: Literal["node", "container"] = "node"
     partitions: tuple[Partition, ...] = ()

@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from builder import cli
 
 
@@ -53,3 +55,15 @@ def _recording_signal(calls: list):
         previous = real(signum, handler)
         return None if len(calls) == 1 else previous  # the first call: "not set from Python"
     return record
+
+
+def test_fleet_sessions_takes_only_a_persons_name_for_the_remote_command(capsys) -> None:
+    """`fleet sessions SITE --end NAME`: NAME goes into a command run over SSH, so anything but a
+    site person's name is refused by the parser, before any connection."""
+    from builder.cli import parser
+    args = parser().parse_args(["fleet", "sessions", "office", "--end", "alice"])
+    assert (args.site, args.end) == ("office", "alice")
+    for bad in ("alice;reboot", "$(id)", "Alice Smith", "-rf"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["fleet", "sessions", "office", f"--end={bad}"])
+        assert "expected a person's name" in capsys.readouterr().err

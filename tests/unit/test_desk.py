@@ -209,10 +209,10 @@ def test_a_tie_goes_to_the_pc_the_person_sits_at():
 def test_the_session_container_is_confined_and_limited():
     s = container.Session("abcdefghijklmnopqrstuvwx", "alice", 2001, "/nas/home/alice", "/run/sohocloud-desk/sessions/abc",
                           policy.Grant(TYPES["standard"], "none"))
-    argv = container.run_argv(s)
+    argv = container.run_argv(s, 5000)
     unit, podman = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     # systemd holds the limits on the whole session, in the person's user slice, as the person.
-    for prop in ("--slice=user-2001.slice", "--uid=2001", "--gid=2001", f"--property=MemoryMax={2 << 30}",
+    for prop in ("--slice=user-2001.slice", "--uid=2001", "--gid=5000", f"--property=MemoryMax={2 << 30}",
                  "--property=MemorySwapMax=0", "--property=TasksMax=512", "--property=CPUQuota=150%",
                  "--unit=desk-abcdefghijklmnop.service", "--setenv=HOME=/run/sohocloud-desk/sessions/abc"):
         assert prop in unit
@@ -221,11 +221,12 @@ def test_the_session_container_is_confined_and_limited():
         assert flag in podman
     assert podman[podman.index("/nas/home/alice:/home/alice:rw") - 1] == "--volume"
     assert podman[podman.index("/run/sohocloud-desk/sessions/abc/vnc:/run/sohocloud-desktop:rw") - 1] == "--volume"
+    assert podman[podman.index("/run/sohocloud-desk/sessions/abc/machine-id:/etc/machine-id:ro") - 1] == "--volume"
     assert not any(a.startswith(("--privileged", "--cap-add", "-p", "--publish", "--device")) for a in podman)
     # --rootfs is a flag: the tree and the command come last, after every option.
     assert podman[-3:] == ["--rootfs", container.TEMPLATE, container.DESKTOP]
     lan = container.run_argv(container.Session("x" * 16, "bob", 2002, "/h", "/d", policy.Grant(TYPES["small"],
-                                                                                                "lan")))
+                                                                                                "lan")), 2002)
     assert "--network=slirp4netns:allow_host_loopback=false" in lan and "--property=CPUQuota=100%" in lan
     assert container.stop_argv(s) == ["systemctl", "stop", "desk-abcdefghijklmnop.service"]
 

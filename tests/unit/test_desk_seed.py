@@ -1,16 +1,16 @@
 """The contract between `fleet build` and the desktop broker: the broker's seed section (written by
-builder/fleet/seeds.py) is what sohocloud_desk.settings reads, and it reaches the broker's node only.
-Until a role provides `desktops` (issue 22), the test gives control and the workstation hosts that
-service on copies of their profiles."""
+builder/fleet/seeds.py) is what sohocloud_desk.settings reads, and it reaches the broker's node only;
+the workstation hosts' section is what their panel runs from (the firstboot hook in between)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import shutil
+import subprocess
 import sys
 
 import pytest
-from test_fleet_services import EXAMPLE, REPO, load_example, seed_block  # tests/unit is on sys.path
+from test_fleet_services import EXAMPLE, REPO, TEMPLATE, load_example, seed_block  # tests/unit is on sys.path
 from test_role_hooks import make_root, mode, ok, run_hook
 
 from builder.fleet.secrets import SiteSecrets
@@ -25,10 +25,6 @@ G = 1 << 30
 @pytest.fixture
 def office(tmp_path):
     site, profiles = load_example()
-    profiles["control"] = dataclasses.replace(profiles["control"],
-                                              provides=profiles["control"].provides + ("desktops",))
-    profiles["workstation-host"] = dataclasses.replace(profiles["workstation-host"],
-                                                       uses=profiles["workstation-host"].uses + ("desktops",))
     return site, profiles, SiteSecrets(tmp_path / "secrets" / site.name)
 
 
@@ -63,7 +59,8 @@ def test_only_the_broker_gets_the_second_factors(office):
         assert any(h in text for h in handed) == (name == "control"), name
     ws = json.loads(blocks["pc1"])
     assert ws["desk"] == {"broker": {"name": "control", "fqdn": "control.example.lan", "address": "10.44.0.2"},
-                          "idle_timeout": 1800, "disconnect_timeout": 120}
+                          "template": TEMPLATE, "idle_timeout": 1800, "disconnect_timeout": 120,
+                          "lan": "10.44.0.0/24", "people_uids": [2000, 59999]}
 
 
 def test_an_htpasswd_site_carries_its_file_to_the_broker(office, tmp_path):
@@ -73,7 +70,7 @@ def test_an_htpasswd_site_carries_its_file_to_the_broker(office, tmp_path):
     (tmp_path / "office.yaml").write_text(text)
     site, _profiles = load_example(tmp_path / "office.yaml")
     node = site.node("control")
-    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, text, tmp_path)
+    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, text, tmp_path, (TEMPLATE,))
     section = node_settings(site, node, secrets, ctx)["desk_broker"]
     assert not settings.rules(section).otp and "totp" not in json.dumps(section["people"])
     path = tmp_path / "node-htpasswd"
@@ -83,6 +80,17 @@ def test_an_htpasswd_site_carries_its_file_to_the_broker(office, tmp_path):
 
 
 # --------------------------------------------------------------------------- the firstboot hook
+
+
+def nft_check(rules: str) -> None:
+    """The rules parse as nft reads them (nft -c: checked, not loaded), where nft may check."""
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if not nft:
+        return
+    proc = subprocess.run([nft, "-c", "-f", "-"], input=rules, capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
+        return
+    assert proc.returncode == 0, proc.stderr
 
 DESK_HOOK = REPO / "overlays/desk/usr/lib/sohocloud/firstboot.d/45-desk"
 
@@ -106,11 +114,16 @@ def test_the_hook_writes_each_nodes_desk_settings_and_the_services_start_from_th
     ok(run_hook(DESK_HOOK, root, ws1))
     written = root / "etc/sohocloud/desk/panel.json"
     assert mode(written) == 0o600 and not (root / "etc/sohocloud/desk/broker.json").exists()
+    nft = (root / "etc/nftables.d/45-desk.nft").read_text()
+    assert "meta skuid 2000-59999 meta nfproto ipv4 ip daddr 10.44.0.0/24 oifname != \"lo\" accept" in nft
+    assert nft.rstrip().endswith("}") and "meta skuid 2000-59999 counter drop" in nft
+    nft_check(nft)
     assert json.loads(written.read_text()) == {
         "own": {"name": "ws1", "fqdn": "ws1.example.lan", "address": "10.44.0.10"},
         "broker": {"name": "control", "fqdn": "control.example.lan", "address": "10.44.0.2"},
         "timeouts": {"idle_timeout": 1800, "disconnect_timeout": 120},
-        "homes": "/nas/home", "sessions_dir": "/run/sohocloud-desk/sessions"}
+        "homes": "/nas/home", "sessions_dir": "/run/sohocloud-desk/sessions",
+        "template": {"url": TEMPLATE["url"], "sha256": TEMPLATE["sha256"]}}
 
     root = make_root(tmp_path / "nas", "nas")
     ok(run_hook(DESK_HOOK, root, nas))
@@ -120,6 +133,9 @@ def test_the_hook_writes_each_nodes_desk_settings_and_the_services_start_from_th
 @pytest.mark.parametrize("node, edit, key", [
     ("ws1", lambda b: b["desk"]["broker"].update(fqdn="control.example.lan;reboot"), "desk.broker.fqdn"),
     ("ws1", lambda b: b["desk"].update(idle_timeout="30m"), "desk.idle_timeout"),
+    ("ws1", lambda b: b["desk"]["template"].update(url="http://10.44.0.1/images/x.squashfs;reboot"), "desk.template"),
+    ("ws1", lambda b: b["desk"].update(lan="0.0.0.0/0 accept; #"), "desk.lan"),
+    ("ws1", lambda b: b["desk"].update(people_uids=[0, 59999]), "desk.people_uids"),
     ("control", lambda b: b["desk_broker"]["people"][0].update(uid=0), "desk_broker.people[0].uid"),
     ("control", lambda b: b["desk_broker"].update(token_key="short"), "desk_broker.token_key"),
 ])

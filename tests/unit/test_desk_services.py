@@ -583,12 +583,15 @@ def broker_process(tmp_path):
     base = [sys.executable, "-m", "sohocloud_desk", "--settings", str(settings), "--tls", str(tls / "control"),
             "--state", str(tmp_path / "state"), "--listen", f"127.0.0.1:{port}", "--journal", str(journal.getsockname())]
     proc = subprocess.Popen([*base, "broker"], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # a loaded CI host starts Python slowly
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the broker never listened: {proc.communicate()[1][-1500:]}")
             time.sleep(0.1)
     admin = lambda *args: subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=60,
                                           check=False)

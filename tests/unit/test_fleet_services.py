@@ -43,10 +43,20 @@ def load_example(path: Path = EXAMPLE) -> tuple[Site, dict[str, Profile]]:
     return site, {role: resolve(repo, role).profile for role in SITE_ROLES}
 
 
+# The desktop template as `fleet build` tells the workstation hosts where it is served (build.served_images).
+TEMPLATE = {"file": "desktop-debian-amd64-template.squashfs", "sha256": "ab" * 32,
+            "url": "http://10.44.0.1/images/desktop-debian-amd64-template.squashfs"}
+
+
+def images_of(profiles: dict[str, Profile], site: Site, name: str) -> tuple[dict[str, str], ...]:
+    return (dict(TEMPLATE),) if profiles[site.node(name).role].images else ()  # a copy: tests edit blocks
+
+
 def seed_block(site: Site, name: str, profiles: dict[str, Profile], secrets: SiteSecrets) -> dict:
     """The `sohocloud:` block of node *name*'s seed, exactly as write_node_seed builds it."""
     node = site.node(name)
-    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, EXAMPLE.read_text())
+    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, EXAMPLE.read_text(),
+                      images=images_of(profiles, site, name))
     return node_settings(site, node, secrets, ctx)
 
 
@@ -100,8 +110,8 @@ def with_nodes(site: Site, *nodes: SiteNode, drop: tuple[str, ...] = ()) -> Site
 def test_example_site_providers(site, profiles):
     providers = find_providers(site, profiles)
     assert {svc: n.name for svc, n in providers.items()} == {
-        "cluster": "control", "git": "control", "ldap": "control", "logs": "control", "metrics": "control",
-        "nas": "nas", "pxe": "gw"}
+        "cluster": "control", "desktops": "control", "git": "control", "ldap": "control", "logs": "control",
+        "metrics": "control", "nas": "nas", "pxe": "gw"}
 
 
 @pytest.mark.parametrize("drop, expect", [
@@ -259,15 +269,15 @@ def test_every_node_gets_services_hosts_and_dns(blocks, site):
     for name, block in blocks.items():
         assert block["hosts"] == hosts, name
         assert block["services"]["nas"] == {"name": "nas", "fqdn": "nas.example.lan", "address": "10.44.0.3"}
-        assert sorted(block["services"]) == ["cluster", "git", "ldap", "logs", "metrics", "nas", "pxe"], name
+        assert sorted(block["services"]) == ["cluster", "desktops", "git", "ldap", "logs", "metrics", "nas", "pxe"], name
         if name != "gw":
             assert block["dns"] == {"servers": ["10.44.0.1"], "search": ["example.lan"]}, name
 
 
 def test_service_sections_only_for_the_nodes_role(site, profiles, secrets):
     node = site.node("ws1")
-    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, "")
-    assert set(service_sections(ctx)) == {"logs", "cluster", "ldap", "nas", "services"}
+    ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, "", images=(TEMPLATE,))
+    assert set(service_sections(ctx)) == {"logs", "cluster", "ldap", "nas", "desk", "services"}
 
 
 # --------------------------------------------------------------------------- seeds and hashes

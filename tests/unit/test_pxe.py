@@ -117,3 +117,28 @@ def test_a_disk_target_cannot_write_the_pxe_set(repo: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         resolve(Repo(repo), "workstation-host", target="qemu")
     assert "made by netboot targets" in str(ei.value)
+
+
+def test_the_volume_serves_the_images_nodes_fetch_and_refuses_a_changed_one(tmp_path: Path) -> None:
+    """http/images/<file> on the PXE volume (the desktop template), checked against SHA256SUMS;
+    a site without diskless nodes gets a volume too, without a boot script."""
+    import hashlib
+    import subprocess
+
+    from builder.errors import SohoError
+    from builder.fleet.pxe import write_pxe_volume
+    out = tmp_path / "out"
+    out.mkdir()
+    image = out / "desktop-debian-amd64-template.squashfs"
+    image.write_bytes(b"squashfs" * 1000)
+    (out / "SHA256SUMS").write_text(f"{hashlib.sha256(image.read_bytes()).hexdigest()}  {image.name}\n")
+    gw = SiteNode("gw", "router", "10.44.0.1", "52:54:00:44:00:01")
+    site = Site(name="office", domain="office.lan", lan="10.44.0.0/24", admin_ssh_keys=(), nodes=(gw,))
+    volume = write_pxe_volume(site, gw, {}, {}, out, out / "office" / "pxe.img", [image])
+    listing = subprocess.run(["debugfs", "-R", "ls -l /http/images", str(volume)], capture_output=True, text=True)
+    assert image.name in listing.stdout and " 8000 " in listing.stdout
+    root = subprocess.run(["debugfs", "-R", "ls /http", str(volume)], capture_output=True, text=True).stdout
+    assert "boot.ipxe" not in root
+    image.write_bytes(b"changed")
+    with pytest.raises(SohoError, match="does not match .*SHA256SUMS"):
+        write_pxe_volume(site, gw, {}, {}, out, out / "office" / "pxe.img", [image])

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from ..cache import digest
 from ..config import BuildConfig
-from . import card, disk, netboot, oci
+from . import card, disk, netboot, oci, template
 from .job import AssembleJob
 
 
@@ -24,7 +24,7 @@ class OutputKind(Protocol):
     def assemble(self, job: AssembleJob) -> dict: ...
 
 
-OUTPUT_KINDS: dict[str, OutputKind] = {"qcow2": disk, "img.xz": card, "pxe": netboot, "oci": oci}
+OUTPUT_KINDS: dict[str, OutputKind] = {"qcow2": disk, "img.xz": card, "pxe": netboot, "oci": oci, "squashfs": template}
 
 
 def output_kind(cfg: BuildConfig) -> OutputKind:

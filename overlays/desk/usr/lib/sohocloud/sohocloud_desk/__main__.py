@@ -1,6 +1,7 @@
 """sohocloud-desk: the desk services and the admin's commands.
 
     python3 -m sohocloud_desk broker          the broker (the node that provides `desktops`)
+    python3 -m sohocloud_desk panel           the sign-in panel and session agent (a workstation host)
     python3 -m sohocloud_desk sessions        (admin, on the broker's node) the sessions now
     python3 -m sohocloud_desk end NAME        (admin) end NAME's session
     python3 -m sohocloud_desk token NAME --scope start[,stop] --days N
@@ -14,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from . import audit, https, policy, service, settings, tokens
+from . import audit, container, https, policy, service, settings, system, template, tokens
+from .brokerd import HEARTBEAT
+from .podman import PodmanRunner
 
 SETTINGS = Path("/etc/sohocloud/desk")
 TLS = Path("/etc/sohocloud/tls")
@@ -52,6 +57,55 @@ def run_broker(args: argparse.Namespace) -> None:
     host, port = listen_address(args.listen or f"{section['address']}:{service.BROKER_PORT}")
     server = https.serve(svc, host, port, https.server_context(tls, client_certs=True), log)
     log(f"broker listening on {host}:{port} for {', '.join(sorted(svc.hosts))}")
+    server.serve_forever()
+
+
+TICK = 5.0  # seconds between the panel's timeout checks
+
+
+def every(seconds: float, what: str, fn) -> None:
+    """*fn* every *seconds* in a thread of its own. A failure is logged when it starts or changes
+    (not every round: the broker may be down for hours), and the recovery once; the loop goes on."""
+    def loop() -> None:
+        failing = ""
+        while True:
+            time.sleep(seconds)
+            try:
+                fn()
+                if failing:
+                    log(f"{what}: working again")
+                failing = ""
+            except Exception as e:  # noqa: BLE001 (one bad round must not end the loop)
+                if str(e) != failing:
+                    log(f"{what}: {e} (retrying every {seconds:.0f} s)")
+                failing = str(e)
+    threading.Thread(target=loop, name=what, daemon=True).start()
+
+
+def end_leftovers(sessions_dir: Path) -> None:
+    """Sessions a previous panel process started are nobody's now: stop them, remove their folders."""
+    system.run(["systemctl", "stop", "desk-*.service"], check=False, timeout=120)
+    if sessions_dir.is_dir():
+        for d in sessions_dir.iterdir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def run_panel(args: argparse.Namespace) -> None:
+    cfg = json.loads((args.settings / "panel.json").read_text())
+    tls = https.TlsFiles.under(args.tls)
+    sessions_dir = Path(cfg["sessions_dir"])
+    end_leftovers(sessions_dir)
+    ready = threading.Event()
+    panel = service.panel_service(cfg["own"], cfg["broker"], tls, PodmanRunner(), cfg["timeouts"], time.time, log,
+                                  homes=Path(cfg["homes"]), sessions_dir=sessions_dir, ready=ready.is_set,
+                                  audit=auditor(args.journal))
+    spec = template.check_spec(cfg.get("template"))
+    threading.Thread(target=template.keep_trying, args=(spec, log, ready.set), name="template", daemon=True).start()
+    host, port = listen_address(args.listen or f"{cfg['own']['address']}:{service.PANEL_PORT}")
+    server = https.serve(panel, host, port, https.server_context(tls, client_certs=True), log)
+    every(HEARTBEAT, "heartbeat", lambda: service.heartbeat(panel))
+    every(TICK, "timeouts", panel.tick)
+    log(f"panel listening on {host}:{port}; broker {cfg['broker']['fqdn']}; sessions on {container.TEMPLATE}")
     server.serve_forever()
 
 
@@ -126,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", default=audit.JOURNAL_SOCKET, help="journald's native socket")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("broker").set_defaults(run=run_broker)
+    sub.add_parser("panel").set_defaults(run=run_panel)
     s = sub.add_parser("sessions")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_sessions)

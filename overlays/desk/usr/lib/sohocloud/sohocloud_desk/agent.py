@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +68,10 @@ class Agent:
     runner: Runner
     homes: Path  # the people's NAS homes are homes/<name>
     sessions_dir: Path  # one folder per session (its VNC socket), on tmpfs: a reboot empties it
+    # No room until the desktop template is mounted (template.keep_trying sets it).
+    ready: Callable[[], bool] = lambda: True
+    # The host's own audit events (audit.py): its containers started, failed, stopped.
+    audit: Callable[..., None] = lambda *a, **k: None
     running: dict[str, container.Session] = field(default_factory=dict)
     seats: dict[str, str] = field(default_factory=dict)  # session id -> the panel whose browser shows it
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -93,21 +98,29 @@ class Agent:
                 self.running.pop(s.id, None)
                 self.seats.pop(s.id, None)
             self.runner.stop(s)  # whatever half of it exists goes
+            self.audit("container-failed", f"desktop container of {s.person} did not start: {e}", person=s.person,
+                       session=s.id, reason=str(e))
             return Response.of_json(500, {"error": str(e)})
+        self.audit("container-start", f"desktop container of {s.person} started ({s.grant.machine.name}, "
+                   f"network {s.grant.network})", person=s.person, session=s.id, unit=container.unit_name(s))
         return Response.of_json(200, {"started": s.id})
 
     def stop(self, req: Request, data: dict[str, Any]) -> Response:
         if req.peer != self.broker:
             return Response.of_json(403, {"error": "only the broker stops sessions"})
-        found = self.stop_session(str(data.get("session", "")))
+        reason = data.get("reason")
+        found = self.stop_session(str(data.get("session", "")),
+                                  reason if isinstance(reason, str) and len(reason) < 200 else "ordered by the broker")
         return Response.of_json(200 if found else 404, {"stopped": data.get("session") if found else None})
 
-    def stop_session(self, sid: str) -> bool:
+    def stop_session(self, sid: str, reason: str) -> bool:
         with self._lock:
             s = self.running.pop(sid, None)
             self.seats.pop(sid, None)
         if s is not None:
             self.runner.stop(s)
+            self.audit("container-stop", f"desktop container of {s.person} stopped and removed: {reason}",
+                       person=s.person, session=s.id, reason=reason)
         return s is not None
 
     def session(self, sid: str) -> container.Session | None:
@@ -117,4 +130,5 @@ class Agent:
         return self.sessions_dir / sid / VNC_SOCKET
 
     def report(self) -> dict[str, Any]:
-        return {"memory_total": memory_total(), "sessions": sorted(self.running)}
+        # A host without its template yet reports no memory: placement finds no room on it.
+        return {"memory_total": memory_total() if self.ready() else 0, "sessions": sorted(self.running)}

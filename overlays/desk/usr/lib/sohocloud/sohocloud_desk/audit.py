@@ -1,10 +1,12 @@
 """Audit events to the journal with structured fields (the journal's native protocol), from where
 journal-upload forwards them to the site's log sink on control.
 
-    SOHOCLOUD_EVENT    sign-in | sign-in-refused | session-start | session-stop | bad-request
+    SOHOCLOUD_EVENT    (the broker) sign-in | sign-in-refused | session-start | session-stop | bad-request
+                       (the host running it) container-start | container-failed | container-stop
     SOHOCLOUD_PERSON   the name signed in as (only a name that passed inputs.NAME_RE)
     SOHOCLOUD_SOURCE   the browser's address          SOHOCLOUD_HOST     where the session runs
     SOHOCLOUD_SESSION  the session id                  SOHOCLOUD_REASON   why refused or ended
+    SOHOCLOUD_UNIT     the session's systemd unit on its host
 
 Never a password, a TOTP code or a token.
 """
@@ -16,7 +18,8 @@ import struct
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 IDENTIFIER = "sohocloud-desk"
-PRIORITIES = {"sign-in": 5, "session-start": 5, "session-stop": 5, "sign-in-refused": 4, "bad-request": 4}
+PRIORITIES = {"sign-in": 5, "session-start": 5, "session-stop": 5, "sign-in-refused": 4, "bad-request": 4,
+              "container-start": 5, "container-stop": 5, "container-failed": 3}
 
 
 def encode(fields: dict[str, str]) -> bytes:

@@ -47,12 +47,13 @@ def unit_name(s: Session) -> str:
     return f"desk-{s.id[:16]}.service"
 
 
-def run_argv(s: Session, template: str = TEMPLATE) -> list[str]:
+def run_argv(s: Session, gid: int, template: str = TEMPLATE) -> list[str]:
+    """*gid*: the person's primary group (their directory entry's)."""
     m = s.grant.machine
     cpu_quota = f"{round(float(m.cpus) * 100)}%"
     return [
         "systemd-run", "--quiet", f"--unit={unit_name(s)}", f"--slice=user-{s.uid}.slice",
-        f"--uid={s.uid}", f"--gid={s.uid}", f"--working-directory={s.session_dir}",
+        f"--uid={s.uid}", f"--gid={gid}", f"--working-directory={s.session_dir}",
         f"--property=MemoryMax={m.memory}", "--property=MemorySwapMax=0", f"--property=TasksMax={m.pids}",
         f"--property=CPUQuota={cpu_quota}", "--property=KillMode=control-group", "--collect",
         f"--setenv=XDG_RUNTIME_DIR={s.session_dir}", f"--setenv=HOME={s.session_dir}",
@@ -65,6 +66,7 @@ def run_argv(s: Session, template: str = TEMPLATE) -> list[str]:
         f"--network={NETWORKS[s.grant.network]}",
         "--volume", f"{s.home}:/home/{s.person}:rw",
         "--volume", f"{s.session_dir}/vnc:{VNC_DIR}:rw",
+        "--volume", f"{s.session_dir}/machine-id:/etc/machine-id:ro",
         "--env", f"HOME=/home/{s.person}", "--env", f"USER={s.person}",
         "--workdir", f"/home/{s.person}",
         "--rootfs", template, DESKTOP,

@@ -79,14 +79,15 @@ def panel_service(own: dict[str, str], broker: dict[str, str], tls: https.TlsFil
                   timeouts: dict[str, int], clock: Callable[[], float], log: Callable[[str], None], *,
                   homes: Path, sessions_dir: Path, port: int = PANEL_PORT, broker_call: BrokerCall | None = None,
                   host_address: Callable[[str], tuple[str, int]] = lambda fqdn: (fqdn, PANEL_PORT),
-                  novnc: Path | None = None) -> PanelService:
+                  novnc: Path | None = None, ready: Callable[[], bool] = lambda: True,
+                  audit: Callable[..., None] = lambda *a, **k: None) -> PanelService:
     """This host's panel and agent. *own* and *broker* are {name, fqdn, address} from the seed."""
     ctx = https.client_context(tls)
     if broker_call is None:
         def broker_call(method: str, path: str, data: Any) -> tuple[int, Any]:
             return https.call(ctx, broker["fqdn"], BROKER_PORT, method, path, data)
 
-    agent = Agent(broker["name"], runner, homes, sessions_dir)
+    agent = Agent(broker["name"], runner, homes, sessions_dir, ready, audit)
     return PanelService(own["name"], origins([own["fqdn"], own["name"], own["address"]], port), broker_call, agent,
                         float(timeouts["idle_timeout"]), float(timeouts["disconnect_timeout"]), clock, log, ctx,
                         host_address, **({"novnc": novnc} if novnc else {}))
@@ -100,5 +101,5 @@ def heartbeat(panel: PanelService) -> None:
     status, answer = panel.broker_call("POST", "/v1/host", report)
     if status == 200:
         for sid in answer.get("stop", []):
-            panel.agent.stop_session(sid)
+            panel.agent.stop_session(sid, "the broker no longer knows it")
         panel.forget_sessions(set(answer.get("gone", [])))
