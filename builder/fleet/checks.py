@@ -293,14 +293,15 @@ def check_desktops(probe: FleetProbe) -> None:
                              f"test -x {TEMPLATE}/usr/bin/Xtigervnc && echo Xtigervnc; true").stdout.split()
         expect(found == ["Xtigervnc"], f"{n.name}: the template has Xvnc and none of the locked-out files: {found}")
         # A session's traffic leaves the host as its person: the LAN answers them (the router's DNS),
-        # anything else is refused on the host itself (EPERM from its firewall, nothing sent). The
+        # anything else is refused on the host itself (its firewall's admin-prohibited: EHOSTUNREACH at
+        # once, nothing sent). The
         # probe beyond is this host's own loopback: the same drop rule, and harmless were it broken
         # (a real address beyond the router would be someone's, and no test traffic leaves the site).
         gw = probe.site.node(probe.site.gateway)
         reach = probe.ssh(n, f"sudo -u {probe.site.users[0].name} python3 -c '{REACH_SCRIPT}' {gw.address}",
                           check=False).stdout.split()
-        expect(reach == ["lan:ok", "beyond:1"], f"{n.name}: a person's process reaches {reach} (expected the LAN "
-                                                 "only: lan:ok, beyond:1 = EPERM)")
+        expect(reach == ["lan:ok", "beyond:113"], f"{n.name}: a person's process reaches {reach} (expected the "
+                                                   "LAN only: lan:ok, beyond:113 = refused by the host's firewall)")
         fqdn = f"{n.name}.{probe.site.domain}"
         p = probe.in_netns(["python3", "-c", PANEL_TLS_SCRIPT, str(probe.secrets / "ca.crt"), n.address, fqdn],
                            timeout=60)

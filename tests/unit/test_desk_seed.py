@@ -116,7 +116,7 @@ def test_the_hook_writes_each_nodes_desk_settings_and_the_services_start_from_th
     assert mode(written) == 0o600 and not (root / "etc/sohocloud/desk/broker.json").exists()
     nft = (root / "etc/nftables.d/45-desk.nft").read_text()
     assert "meta skuid 2000-59999 meta nfproto ipv4 ip daddr 10.44.0.0/24 oifname != \"lo\" accept" in nft
-    assert nft.rstrip().endswith("}") and "meta skuid 2000-59999 counter drop" in nft
+    assert nft.rstrip().endswith("}") and "meta skuid 2000-59999 counter reject with icmpx type admin-prohibited" in nft
     nft_check(nft)
     assert json.loads(written.read_text()) == {
         "own": {"name": "ws1", "fqdn": "ws1.example.lan", "address": "10.44.0.10"},
