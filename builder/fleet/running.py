@@ -45,6 +45,10 @@ class FleetPaths:
     def console(self, node: str) -> Path:
         return self.run / f"{node}.console.log"
 
+    def monitor(self, node: str) -> Path:
+        """The node's QEMU QMP socket (its screen: builder.machine.qemu.screendump)."""
+        return self.run / f"{node}.qmp"
+
 
 def netns_name(site: Site) -> str:
     return f"sc-{site.name}"

@@ -148,7 +148,8 @@ class SiteBoot:
             self.forget_host_key(node)
             self.vms[node.name] = VM(image, nics, firmware=node.firmware, netns=self.lan.name,
                                      memory=max(self.memory, netboot_memory(manifest)),
-                                     serial_log=self.paths.console(node.name), workdir=workdir)
+                                     serial_log=self.paths.console(node.name), workdir=workdir,
+                                     monitor=self.paths.monitor(node.name))
             return
         extra = data_disks(self.paths, node, manifest)
         if rec.name == self.record.pxe_server and self.record.pxe_volume is not None:
@@ -156,7 +157,7 @@ class SiteBoot:
         disk = self.root_disk(node, rec, manifest)
         self.vms[node.name] = VM(image, nics, seed=rec.seed.resolve(self.out), netns=self.lan.name,
                                  memory=self.memory, serial_log=self.paths.console(node.name), disk=disk,
-                                 extra_disks=extra, workdir=workdir)
+                                 extra_disks=extra, workdir=workdir, monitor=self.paths.monitor(node.name))
 
     def root_disk(self, node: SiteNode, rec: NodeRecord, manifest: dict) -> Path:
         """The node's root disk, kept across down/up. A rebuilt image is a re-install: the overlay

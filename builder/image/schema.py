@@ -215,6 +215,9 @@ class QemuSpec:
     # Kernel command line words added when QEMU starts the kernel directly (a board's
     # own console is not the emulated machine's).
     append: str = ""
+    # The machine's screen, a QEMU display device (e.g. virtio-vga); empty: headless. No window
+    # opens either way: tests read the screen with a monitor screendump.
+    display: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,19 @@ OVMF and systemd-boot.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +92,7 @@ class BootFiles:
 def qemu_argv(spec: QemuSpec, arch: str, disk: Path | None, *, nics: list[Nic], seed: Path | None = None,
               boot: BootFiles | None = None, uefi_vars: Path | None = None, memory: int = 1024, smp: int = 2,
               serial: str = "mon:stdio", extra_disks: tuple[tuple[Path, str], ...] = (),
-              netboot: bool = False) -> list[str]:
+              netboot: bool = False, monitor: Path | None = None) -> list[str]:
     """The QEMU command line (pure: no side effects). *netboot*: no disk, the first NIC boots
     (its iPXE ROM under the machine's own BIOS, or UEFI when *uefi_vars* is given)."""
     accel = accel_args(arch)
@@ -95,6 +100,10 @@ def qemu_argv(spec: QemuSpec, arch: str, disk: Path | None, *, nics: list[Nic], 
     argv = [spec.binary, "-machine", spec.machine, *accel, "-cpu", cpu,
             "-smp", str(smp), "-m", str(memory), "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", serial, "-device", "virtio-rng-pci"]
+    if spec.display:
+        argv += ["-device", spec.display]
+    if monitor is not None:
+        argv += ["-qmp", f"unix:{monitor},server=on,wait=off"]
     if boot is not None:
         argv += ["-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", boot.cmdline]
     elif uefi_vars is not None:
@@ -233,6 +242,7 @@ class VM:
     disk: Path | None = None  # persistent overlay (kept between boots)
     extra_disks: tuple[tuple[Path, str], ...] = ()  # (qcow2, serial), kept by the caller
     disk_size: str | None = None  # a bigger disk than the image (e.g. "2G": a card larger than its image)
+    monitor: Path | None = None  # a QMP socket (screendumps of the machine's screen)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sohocloud-vm.")))
     proc: subprocess.Popen | None = None
     started: float = 0.0
@@ -270,7 +280,7 @@ class VM:
             shutil.copyfile(spec.firmware_vars, uefi_vars)
         serial = f"file:{self.serial_log}" if self.serial_log else "mon:stdio"
         argv = qemu_argv(spec, manifest["arch"], None, nics=self.nics, uefi_vars=uefi_vars, memory=self.memory,
-                         smp=self.smp, serial=serial, netboot=True)
+                         smp=self.smp, serial=serial, netboot=True, monitor=self.monitor)
         return argv
 
     @property
@@ -301,7 +311,7 @@ class VM:
         serial = f"file:{self.serial_log}" if self.serial_log else "mon:stdio"
         argv = qemu_argv(spec, manifest["arch"], disk, nics=self.nics, seed=self.seed_volume(manifest), boot=boot,
                          uefi_vars=uefi_vars, memory=self.memory, smp=self.smp, serial=serial,
-                         extra_disks=self.extra_disks)
+                         extra_disks=self.extra_disks, monitor=self.monitor)
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns] + argv
         return argv
@@ -355,6 +365,83 @@ class VM:
         """What on the console shows the hypervisor, not the image, failed this boot (None: no sign)."""
         console = self.console()
         return next((m for m in HYPERVISOR_HICCUPS if m in console), None)
+
+
+# --------------------------------------------------------------------------- the screen
+
+
+@dataclass(frozen=True)
+class Screen:
+    """A screendump: RGB pixels, row by row."""
+
+    width: int
+    height: int
+    pixels: bytes
+
+    def share(self, rgb: str) -> float:
+        """The fraction of pixels of colour *rgb* ("#1d2430")."""
+        want = bytes.fromhex(rgb.lstrip("#"))
+        count = sum(1 for i in range(0, len(self.pixels), 3) if self.pixels[i:i + 3] == want)
+        return count / max(1, self.width * self.height)
+
+    def png(self) -> bytes:
+        """As a PNG (RGB, no filter): pure, for small screens."""
+        row = self.width * 3
+        raw = b"".join(b"\0" + self.pixels[y * row:(y + 1) * row] for y in range(self.height))
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def screendump(monitor: Path, png: Path, timeout: float = 30) -> Screen:
+    """What a running machine's screen shows, over its QMP socket, also saved as a PNG (under a
+    temp name, then renamed). QEMU writes a PPM (Debian's 7.2 has no PNG output)."""
+    ppm = png.with_name(png.name + ".ppm")
+    try:
+        qmp_command(monitor, "screendump", {"filename": str(ppm.resolve())}, timeout)
+        screen = parse_ppm(ppm.read_bytes())
+    finally:
+        ppm.unlink(missing_ok=True)
+    tmp = png.with_name(png.name + ".tmp")
+    tmp.write_bytes(screen.png())
+    os.replace(tmp, png)
+    return screen
+
+
+def qmp_command(monitor: Path, command: str, arguments: dict, timeout: float = 30) -> dict:
+    """One QMP command on a fresh connection: greeting, capabilities, the command, its answer."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(monitor))
+        except OSError as e:
+            raise SohoError(f"{monitor}: no QEMU monitor there ({e.strerror}): is the machine running?") from e
+        stream = s.makefile("rwb")
+        replies = (json.loads(line) for line in stream)
+        next(replies)  # the greeting
+        reply: dict = {}
+        for msg in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
+            stream.write(json.dumps(msg).encode() + b"\n")
+            stream.flush()
+            reply = next(r for r in replies if "event" not in r)
+            if "error" in reply:
+                raise SohoError(f"QEMU {msg['execute']}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return", {})
+
+
+def parse_ppm(ppm: bytes) -> Screen:
+    """A binary 8-bit PPM (P6), as QEMU's screendump writes it."""
+    # The header: magic, width, height, maxval, then exactly one whitespace byte before the pixels
+    # (which may start with a byte that looks like whitespace).
+    m = re.match(rb"P6\s+(\d+)\s+(\d+)\s+255\s", ppm)
+    if m is None:
+        raise SohoError("screendump: expected a binary 8-bit PPM from QEMU")
+    width, height, pixels = int(m[1]), int(m[2]), ppm[m.end():]
+    if len(pixels) < width * height * 3:
+        raise SohoError("screendump: the PPM is shorter than its size says")
+    return Screen(width, height, pixels[:width * height * 3])
 
 
 def once_more_after_hiccup(vm: VM, wait: Callable[[], float], *, start: Callable[[], None] | None = None,

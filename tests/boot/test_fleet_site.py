@@ -26,6 +26,7 @@ from builder.fleet.checks import CHECKS, FleetProbe, check_netboot, check_units
 from builder.fleet.record import load_built
 from builder.fleet.running import FleetPaths, fleet_ssh_argv
 from builder.fleet.up import console_says_settled
+from builder.machine.qemu import screendump
 
 from bootkit import ARTIFACTS as LOGS  # tests/boot is on sys.path (prepend import mode)
 from bootkit import OUT, REPO
@@ -173,6 +174,34 @@ def test_worker_booted_before_manager_joined_later(joined):
 @pytest.mark.parametrize("check", [c for c in CHECKS if c != "cluster"])
 def test_fleet_check(joined, check):
     CHECKS[check](joined["probe"])
+
+
+def test_a_pcs_screen_shows_the_sign_in_panel(joined):
+    """After boot a diskless PC's screen shows its own sign-in panel: the kiosk's Chromium says
+    so (every panel page logs the page it shows to the console, which the kiosk's journal has),
+    and a QEMU screendump of the PC (kept in the test logs) is mostly the panel's colours. A
+    host without a screen runs no kiosk."""
+    probe, site = joined["probe"], joined["site"]
+    pcs = [n for n in _netboot_nodes(joined) if probe.manifest(n).get("qemu", {}).get("display")]
+    assert pcs, "the example site has no diskless PC with a screen"
+    pc = pcs[0]
+    shown = f"sohocloud-panel: page shown: sign in\", source: https://{pc.name}.{site.domain}/panel.js"
+    deadline = time.monotonic() + 600
+    while True:
+        log = probe.ssh(pc, "sudo journalctl -b -u sohocloud-kiosk --no-pager -o short-monotonic",
+                        check=False).stdout
+        if shown in log or time.monotonic() > deadline:
+            break
+        time.sleep(10)
+    assert shown in log, log[-3000:]
+    LOGS.mkdir(parents=True, exist_ok=True)
+    screen = screendump(FleetPaths(OUT, SITE).monitor(pc.name), LOGS / f"kiosk-{pc.name}.png")
+    panel = screen.share("#1d2430") + screen.share("#2a3342")  # panel.css: the page, the form
+    assert panel > 0.5, f"{pc.name}'s screen ({screen.width}x{screen.height}) is {panel:.0%} panel colours"
+    for n in probe.users_of("desktops"):
+        if n not in pcs:
+            state = probe.ssh(n, "systemctl is-active sohocloud-kiosk", check=False).stdout.strip()
+            assert state == "inactive", f"{n.name} has no screen, yet its kiosk is {state}"
 
 
 def test_secrets_stay_out_of_images_manifests_and_logs(joined):

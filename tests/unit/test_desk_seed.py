@@ -118,6 +118,9 @@ def test_the_hook_writes_each_nodes_desk_settings_and_the_services_start_from_th
     assert "meta skuid 2000-59999 meta nfproto ipv4 ip daddr 10.44.0.0/24 oifname != \"lo\" accept" in nft
     assert nft.rstrip().endswith("}") and "meta skuid 2000-59999 counter reject with icmpx type admin-prohibited" in nft
     nft_check(nft)
+    # The kiosk (a PC with a screen) shows the host's own panel, by its certificate's name.
+    kiosk = root / "etc/sohocloud/desk/kiosk.env"
+    assert mode(kiosk) == 0o644 and "KIOSK_URL=https://ws1.example.lan/\n" in kiosk.read_text()
     assert json.loads(written.read_text()) == {
         "own": {"name": "ws1", "fqdn": "ws1.example.lan", "address": "10.44.0.10"},
         "broker": {"name": "control", "fqdn": "control.example.lan", "address": "10.44.0.2"},

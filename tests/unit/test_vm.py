@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
+import threading
+import zlib
 from pathlib import Path
 
 import pytest
 
 import builder.machine.qemu
 from builder.image.schema import QemuSpec
-from builder.machine.qemu import Nic, VM, make_overlay, qemu_argv
+from builder.errors import SohoError
+from builder.machine.qemu import Nic, VM, make_overlay, parse_ppm, qemu_argv, screendump
 
 
 def test_overlay_on_a_relative_base_opens_from_any_folder(tmp_path: Path, monkeypatch) -> None:
@@ -168,3 +173,75 @@ def test_an_image_whose_manifest_does_not_say_how_to_boot_it_is_refused(tmp_path
     bad = _built_image(tmp_path / "b", qemu={"binary": "qemu", "machine": 5})
     with pytest.raises(SohoError, match=r"qemu\.machine: expected a string"):
         VM(bad, [Nic("user")], firmware="uefi", workdir=tmp_path / "vm").argv()
+
+
+# --------------------------------------------------------------------------- the screen
+
+
+def test_a_machine_with_a_screen_gets_its_display_device_and_a_monitor(tmp_path: Path) -> None:
+    """The target's display device (a diskless PC's screen), still no window; QMP on a socket."""
+    spec = QemuSpec(binary="qemu-system-x86_64", machine="q35", nic_addrs=("0x3",), display="virtio-vga")
+    argv = qemu_argv(spec, "amd64", None, nics=[Nic("user")], netboot=True, monitor=tmp_path / "pc.qmp")
+    assert argv[argv.index("virtio-vga") - 1] == "-device"
+    assert argv[argv.index("-display") + 1] == "none"
+    assert argv[argv.index("-qmp") + 1] == f"unix:{tmp_path / 'pc.qmp'},server=on,wait=off"
+    headless = qemu_argv(QemuSpec(binary="qemu-system-x86_64", machine="q35", nic_addrs=("0x3",)), "amd64", None,
+                         nics=[Nic("user")], netboot=True)
+    assert "-qmp" not in headless and not any("vga" in a for a in headless)
+
+
+def _fake_qemu_monitor(path: Path, screen: bytes | None) -> threading.Thread:
+    """A QMP server for one connection: greeting, capabilities, then a screendump that writes
+    *screen* (a PPM) where it is told, or fails like QEMU without a display."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as f:
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            f.flush()
+            for line in f:
+                msg = json.loads(line)
+                if msg["execute"] == "qmp_capabilities":
+                    f.write(b'{"return": {}}\n')
+                elif screen is None:
+                    f.write(b'{"error": {"class": "GenericError", "desc": "no surface"}}\n')
+                else:
+                    Path(msg["arguments"]["filename"]).write_bytes(screen)
+                    f.write(b'{"event": "X", "data": {}}\n{"return": {}}\n')
+                f.flush()
+        server.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_screendump_becomes_a_png_and_says_what_colours_it_shows(tmp_path: Path) -> None:
+    # 2x2: the first pixel is 0x20 0x0a 0x09 (bytes that look like whitespace after the header).
+    pixels = bytes([0x20, 0x0a, 0x09]) + bytes.fromhex("1d2430") * 3
+    _fake_qemu_monitor(tmp_path / "pc.qmp", b"P6\n2 2\n255\n" + pixels)
+    screen = screendump(tmp_path / "pc.qmp", tmp_path / "pc.png")
+    assert (screen.width, screen.height, screen.pixels) == (2, 2, pixels)
+    assert screen.share("#1d2430") == 0.75 and screen.share("#ffffff") == 0
+    png = (tmp_path / "pc.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR"
+    assert struct.unpack(">II", png[16:24]) == (2, 2)
+    idat = png.index(b"IDAT")
+    length = struct.unpack(">I", png[idat - 4:idat])[0]
+    assert zlib.decompress(png[idat + 4:idat + 4 + length]) == b"\0" + pixels[:6] + b"\0" + pixels[6:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pc.png", "pc.qmp"]  # no PPM, no temp file left
+
+
+def test_a_screendump_failure_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SohoError, match="no QEMU monitor there"):
+        screendump(tmp_path / "none.qmp", tmp_path / "pc.png")
+    _fake_qemu_monitor(tmp_path / "pc.qmp", None)
+    with pytest.raises(SohoError, match="QEMU screendump: no surface"):
+        screendump(tmp_path / "pc.qmp", tmp_path / "pc.png")
+    assert not (tmp_path / "pc.png").exists()
+    with pytest.raises(SohoError, match="8-bit PPM"):
+        parse_ppm(b"P5\n2 2\n255\n....")
+    with pytest.raises(SohoError, match="shorter"):
+        parse_ppm(b"P6\n2 2\n255\n" + bytes(11))

@@ -98,7 +98,8 @@ class PanelService:
     def _page(self, status: int, title: str, body: str, *headers: tuple[str, str]) -> Response:
         text = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
                 f" - {html.escape(self.name)}</title><link rel=\"stylesheet\" href=\"/panel.css\"></head>"
-                f"<body><main id=\"panel\" data-page=\"{html.escape(title.lower())}\">{body}</main></body></html>")
+                f"<body><main id=\"panel\" data-page=\"{html.escape(title.lower())}\">{body}</main>"
+                "<script src=\"/panel.js\"></script></body></html>")
         return Response(status, text.encode(), "text/html; charset=utf-8", (*BROWSER_HEADERS, *headers))
 
     def _form(self, status: int = 200, message: str = "") -> Response:
@@ -133,7 +134,7 @@ class PanelService:
         return self._page(200, "Desktop", f"""<header><span id="person">{html.escape(b.person)}</span>
 <span class="where">desktop on <span id="host">{html.escape(b.host)}</span></span>
 <form method="post" action="/sign-out"><button type="submit" id="sign-out">Sign out</button></form></header>
-<div id="screen" data-alive="{ALIVE}" data-state="connecting"></div><script src="/panel.js"></script>
+<div id="screen" data-alive="{ALIVE}" data-state="connecting"></div>
 <script type="module" src="/desktop.js"></script>""")
 
     def novnc_file(self, req: Request) -> Response:

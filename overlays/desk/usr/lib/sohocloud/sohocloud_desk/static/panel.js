@@ -1,7 +1,15 @@
-// The desktop page's heartbeat: tells the panel every few seconds that this tab is open, and
+// Every panel page loads this.
+"use strict";
+// Every page says which it is in the browser's console: the kiosk's Chromium logs it to the
+// journal, which is how the PC's screen is known to show the panel (and which page).
+(function () {
+  const panel = document.getElementById("panel");
+  console.info("sohocloud-panel: page shown: " + (panel ? panel.dataset.page : "unknown"));
+})();
+
+// On the desktop page, its heartbeat: tells the panel every few seconds that this tab is open, and
 // whether the person used it since the last beat (the idle and disconnect timeouts). Signed out
 // elsewhere (timeout, taken over, admin): back to the sign-in form.
-"use strict";
 (function () {
   const screen = document.getElementById("screen");
   if (!screen) return;
