@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests/boot"))  # the fleet tests' seat and site helpers
 
 from builder.fleet.checks import CHECKS, FleetProbe  # noqa: E402
 from builder.fleet.netlab import Netns, unique_name  # noqa: E402
@@ -166,6 +168,8 @@ def site_bench(work: Path, key_pub: str, rounds: int, desktops_only: bool = Fals
     site_file = work / "benchsite.yaml"
     text = (REPO / "sites/example.yaml").read_text()
     text = re.sub(r"(?m)^site: example$", "site: benchsite", text)
+    from vm_site import fit_desktops_to_vms
+    text = fit_desktops_to_vms(text)  # the example's standard desktop (2G) does not fit a 1 GiB VM
     site_file.write_text(re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {key_pub}", text))
     out, secrets = work / "site-out", work / "site-secrets"
     cli = [sys.executable, "-m", "builder.cli", "fleet"]
@@ -188,6 +192,7 @@ def site_bench(work: Path, key_pub: str, rounds: int, desktops_only: bool = Fals
         r["fleet_joined"] = time.monotonic() - t0
         CHECKS["desktops"](probe)
         desk = desktop_bench(probe, work / "seat", rounds)
+        desk["desk_images"] = desktop_image_sizes(out)
         if desktops_only:
             return r, desk
         # A diskless PC powered on again with the site up: iPXE, kernel + initrd and the squashfs
@@ -209,7 +214,8 @@ def site_bench(work: Path, key_pub: str, rounds: int, desktops_only: bool = Fals
 PLAIN_PODMAN = r"""
 import os, socket, subprocess, sys, tempfile, time
 vnc = tempfile.mkdtemp(dir="/run")
-argv = ["podman", "--runtime=crun", "run", "--rm", "--read-only", "--network=none", "--volume",
+name = "sohocloud-bench-" + os.path.basename(vnc)
+argv = ["podman", "--runtime=crun", "run", "--rm", "--name", name, "--read-only", "--network=none", "--volume",
         vnc + ":/run/sohocloud-desktop", "--rootfs", "/var/lib/sohocloud-desk/template",
         "/usr/local/bin/sohocloud-desktop"]
 t = time.monotonic()
@@ -223,9 +229,14 @@ while time.monotonic() - t < 300:
                 break
     except OSError:
         time.sleep(0.05)
-print(f"{time.monotonic() - t:.2f}")
+print(f"{time.monotonic() - t:.2f}", flush=True)
 p.terminate()
-p.wait(60)
+try:
+    p.wait(180)  # the --rm clean-up is slow on a busy emulated host: the time is already out
+except subprocess.TimeoutExpired:
+    subprocess.run(["podman", "rm", "--force", "--time", "0", name], capture_output=True)
+    p.kill()
+    p.wait()
 """
 
 
@@ -233,7 +244,6 @@ def desktop_bench(probe: FleetProbe, work: Path, rounds: int) -> dict:
     """Sign-in to the first desktop frame in the browser (Chromium at the LAN seat, password + TOTP),
     beside `podman run` of the same template alone on the same host, interleaved; the memory an idle
     session holds; the standard sessions each workstation host has room for."""
-    sys.path.insert(0, str(REPO / "tests/boot"))
     from desk_seat import Seat
     work.mkdir(parents=True, exist_ok=True)
     hosts = probe.users_of("desktops")
@@ -251,7 +261,7 @@ def desktop_bench(probe: FleetProbe, work: Path, rounds: int) -> dict:
             time.sleep(30)  # idle
             memory.append(int(probe.ssh(node, "sudo systemctl show -p MemoryCurrent --value 'desk-*.service'").stdout))
             seat(browser="b", do="sign_out")
-            plain.append(float(probe.ssh(node, f"sudo python3 -c '{PLAIN_PODMAN}'", timeout=400).stdout))
+            plain.append(float(probe.ssh(node, f"sudo python3 -c {shlex.quote(PLAIN_PODMAN)}", timeout=600).stdout))
     finally:
         seat.close()
     room = {}
@@ -259,6 +269,14 @@ def desktop_bench(probe: FleetProbe, work: Path, rounds: int) -> dict:
         total = int(probe.ssh(n, "awk '/MemTotal/ {print $2}' /proc/meminfo").stdout) * 1024
         room[n.name] = total
     return {"desk_ours": ours, "desk_plain": plain, "desk_memory": memory, "desk_host": host, "desk_room": room}
+
+
+def desktop_image_sizes(out: Path) -> dict[str, int]:
+    """Bytes of what the site's build wrote for the desktops: the workstation hosts' disk images, the
+    diskless PCs' root (kiosk included), the desktop template."""
+    files = [*out.glob("workstation-host-*.qcow2"), *out.glob("pxe/workstation-host-*/rootfs.squashfs"),
+             *out.glob("desktop-*.squashfs")]
+    return {str(f.relative_to(out)): f.stat().st_size for f in sorted(files)}
 
 
 def desktop_lines(d: dict, site: dict) -> list[str]:
@@ -288,10 +306,17 @@ def desktop_lines(d: dict, site: dict) -> list[str]:
              "",
              "| host | RAM | standard sessions |",
              "|---|---|---|"]
+    from vm_site import VM_RESERVE, VM_STANDARD
+    vm_standard, vm_reserve = parse_size(VM_STANDARD), parse_size(VM_RESERVE)
     for name, total in d["desk_room"].items():
-        lines.append(f"| {name} (this run's VM) | {total / (1 << 30):.1f} GiB | {max(0, (total - reserve) // standard)} |")
+        lines.append(f"| {name} (this run's VM; its standard is {VM_STANDARD}, reserve {VM_RESERVE}) | "
+                     f"{total / (1 << 30):.1f} GiB | {max(0, (total - vm_reserve) // vm_standard)} |")
     for gib in (8, 16, 32):
         lines.append(f"| an office PC | {gib} GiB | {max(0, ((gib << 30) - reserve) // standard)} |")
+    if d.get("desk_images"):
+        lines += ["", "What this run's build wrote for them (the kiosk's cage + Chromium are in the workstation "
+                  "host's image, hence in the diskless PCs' root):", "", "| file | size |", "|---|---|"]
+        lines += [f"| {name} | {size / 1e6:.1f} MB |" for name, size in d["desk_images"].items()]
     return lines + [""]
 
 

@@ -31,6 +31,7 @@ from builder.machine.qemu import screendump
 from bootkit import ARTIFACTS as LOGS  # tests/boot is on sys.path (prepend import mode)
 from bootkit import OUT, REPO
 from desk_seat import Seat
+from vm_site import fit_desktops_to_vms
 
 pytestmark = pytest.mark.boot
 SITE = "office"
@@ -109,11 +110,7 @@ def office(tmp_path_factory, test_key):
                       lambda m: m.group(1) + (m.group(2) or ", target: qemu, arch: arm64") + "}", text)
     text = re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {test_key.with_suffix('.pub').read_text().strip()}",
                   text)
-    # The test's hosts are small VMs (1 GiB; a diskless PC ~1.7): a machine type and a reserve to fit
-    # them (a session idles at ~45 MB). The example's own standard type wants a real PC's RAM.
-    assert "machine: standard" in text
-    text = text.replace("  policy:\n", "  machine_types:\n    standard: {cpus: 1, memory: 512M, pids: 256}\n"
-                                      "  host_reserve: 384M\n  policy:\n")
+    text = fit_desktops_to_vms(text)
     site_file = d / f"{SITE}.yaml"
     site_file.write_text(text)
     secrets = d / "secrets"

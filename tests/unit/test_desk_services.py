@@ -35,7 +35,7 @@ from builder.fleet.secrets import issue_cert, make_ca
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "overlays/desk/usr/lib/sohocloud"))
 
-from sohocloud_desk import https, service, tokens, totp
+from sohocloud_desk import https, podman, service, tokens, totp
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -541,6 +541,36 @@ def test_scripts_start_and_stop_with_scoped_tokens(desk):
     assert status == 200 and not desk.broker.live
     desk.clock.now += 3601
     assert https.call(ctx, "127.0.0.1", desk.ports["ws1"], "POST", "/api/start", {"name": "alice", "token": start})[0] == 403
+
+
+def test_each_link_of_a_sign_in_waits_longer_than_the_one_below_it(tmp_path, monkeypatch):
+    """A slow desktop start (a busy host) must end as the host's own answer: the broker waits on a
+    host longer than the host may take, the panel on the broker longer than a take-over (stop on one
+    host, start on another) may take. The services' own calls carry these timeouts."""
+    host, broker = service.HOST_CALL_TIMEOUTS, service.BROKER_CALL_TIMEOUTS
+    assert host["/v1/start"] > podman.START_BUDGET and host["/v1/stop"] > podman.STOP_BUDGET
+    assert broker["/v1/sign-in"] > host["/v1/stop"] + host["/v1/start"]
+    assert min(broker["/v1/sign-out"], broker["/v1/stop-mine"]) > host["/v1/stop"]
+    calls = []
+    monkeypatch.setattr(https, "call", lambda ctx, name, port, method, path, data=None, timeout=20:
+                        calls.append((name, path, timeout)) or (200, {}))
+    ca = make_ca("office test CA")
+    tls = {n: write_tls(tmp_path / n, ca, n) for n in ("control", "ws1")}
+    (tmp_path / "state").mkdir(mode=0o700)
+    brokerd = service.broker_service(broker_section(), tls["control"], "control", tmp_path / "state", Clock(),
+                                     lambda *a, **k: None)
+    panel = service.panel_service({"name": "ws1", "fqdn": "ws1.office.lan", "address": "127.0.0.1"},
+                                  {"name": "control", "fqdn": "control.office.lan", "address": "127.0.0.1"},
+                                  tls["ws1"], Recorder(), {"idle_timeout": 900, "disconnect_timeout": 120}, Clock(),
+                                  print, homes=tmp_path / "home", sessions_dir=tmp_path / "s")
+    for path in ("/v1/start", "/v1/stop"):
+        brokerd.host_call("ws1", "POST", path, {})
+    for path in ("/v1/sign-in", "/v1/sign-out", "/v1/host"):
+        panel.broker_call("POST", path, {})
+    assert calls == [("ws1.office.lan", "/v1/start", host["/v1/start"]), ("ws1.office.lan", "/v1/stop", host["/v1/stop"]),
+                     ("control.office.lan", "/v1/sign-in", broker["/v1/sign-in"]),
+                     ("control.office.lan", "/v1/sign-out", broker["/v1/sign-out"]),
+                     ("control.office.lan", "/v1/host", service.CALL_TIMEOUT)]
 
 
 def test_the_broker_state_keeps_used_codes_across_a_restart(desk, tmp_path):

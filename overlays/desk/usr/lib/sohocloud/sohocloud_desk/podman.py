@@ -25,7 +25,13 @@ from . import container, system
 
 SUBID_BASE = 1_000_000_000
 SUBID_COUNT = 65536
+RUN_TIMEOUT = 60.0  # seconds for `podman run` to hand the container to its unit
 START_TIMEOUT = 180.0  # seconds for the desktop's VNC socket to appear (an emulated host is slow)
+STOP_TIMEOUT = 90.0  # seconds for the session's unit to stop
+# The longest a start or a stop takes here before it fails with its own reason: the callers up the
+# chain (the broker, the panel) wait longer than this (service.py).
+START_BUDGET = RUN_TIMEOUT + START_TIMEOUT
+STOP_BUDGET = STOP_TIMEOUT
 
 
 def add_subids(person: str, file: Path) -> int:
@@ -84,7 +90,7 @@ class PodmanRunner:
         (folder / "machine-id").write_text(secrets.token_hex(16) + "\n")
         for p in (folder, folder / "vnc", folder / "machine-id"):
             os.chown(p, s.uid, gid)
-        self.run(container.run_argv(s, gid, self.template), timeout=60)
+        self.run(container.run_argv(s, gid, self.template), timeout=RUN_TIMEOUT)
         self._wait_for_desktop(s)
 
     def _wait_for_desktop(self, s: container.Session) -> None:
@@ -103,6 +109,6 @@ class PodmanRunner:
     def stop(self, s: container.Session) -> None:
         # The unit is the session: stopping it ends podman, the container and all in it. Then the
         # session's folder (podman's state, the socket, the machine id) goes.
-        self.run(container.stop_argv(s), check=False, timeout=90)
+        self.run(container.stop_argv(s), check=False, timeout=STOP_TIMEOUT)
         self.run(["systemctl", "reset-failed", container.unit_name(s)], check=False)
         shutil.rmtree(s.session_dir, ignore_errors=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import checkers, https, settings
+from . import checkers, https, podman, settings
 from .agent import Agent, Runner
 from .broker import Broker
 from .brokerd import BrokerService, HostCall
@@ -19,6 +19,16 @@ from .paneld import BrokerCall, PanelService
 
 BROKER_PORT = 7444
 PANEL_PORT = 443
+
+# A sign-in is a chain of calls: the browser waits on its panel, the panel on the broker, the broker
+# on the chosen host, the host on podman. Each link waits longer than the one below it may take, so a
+# slow start (a busy or emulated host) ends with the host's own answer ("could not be started"),
+# never as a caller's timeout ("cannot be reached") while the desktop is in fact coming up.
+CALL_TIMEOUT = 20.0
+HOST_CALL_TIMEOUTS = {"/v1/start": podman.START_BUDGET + 30, "/v1/stop": podman.STOP_BUDGET + 30}
+_STOP = HOST_CALL_TIMEOUTS["/v1/stop"]
+BROKER_CALL_TIMEOUTS = {"/v1/sign-in": _STOP + HOST_CALL_TIMEOUTS["/v1/start"] + 30,  # may take a session over
+                        "/v1/sign-out": _STOP + 30, "/v1/stop-mine": _STOP + 30}
 
 
 def write_private(path: Path, data: str) -> None:
@@ -70,7 +80,8 @@ def broker_service(section: dict[str, Any], tls: https.TlsFiles, own: str, state
         ctx = https.client_context(tls)
 
         def host_call(name: str, method: str, path: str, data: Any) -> tuple[int, Any]:
-            return https.call(ctx, hosts[name]["fqdn"], int(hosts[name].get("port", PANEL_PORT)), method, path, data)
+            return https.call(ctx, hosts[name]["fqdn"], int(hosts[name].get("port", PANEL_PORT)), method, path, data,
+                              timeout=HOST_CALL_TIMEOUTS.get(path, CALL_TIMEOUT))
 
     return BrokerService(broker, hosts, own, host_call)
 
@@ -85,7 +96,8 @@ def panel_service(own: dict[str, str], broker: dict[str, str], tls: https.TlsFil
     ctx = https.client_context(tls)
     if broker_call is None:
         def broker_call(method: str, path: str, data: Any) -> tuple[int, Any]:
-            return https.call(ctx, broker["fqdn"], BROKER_PORT, method, path, data)
+            return https.call(ctx, broker["fqdn"], BROKER_PORT, method, path, data,
+                              timeout=BROKER_CALL_TIMEOUTS.get(path, CALL_TIMEOUT))
 
     agent = Agent(broker["name"], runner, homes, sessions_dir, ready, audit)
     return PanelService(own["name"], origins([own["fqdn"], own["name"], own["address"]], port), broker_call, agent,
