@@ -359,7 +359,16 @@ def test_desktop_events_reach_the_log_sink(joined, seat):
     while {e.get("SOHOCLOUD_EVENT") for e in events()} < want and time.monotonic() < deadline:
         time.sleep(10)
     seen = events()
-    assert want <= {e.get("SOHOCLOUD_EVENT") for e in seen}, seen[-10:]
+    if not want <= {e.get("SOHOCLOUD_EVENT") for e in seen}:  # say where the hosts' journals stand
+        hosts = {e.get("SOHOCLOUD_HOST") for e in seen} - {None}
+        state = {n: probe.ssh(probe.site.node(n), "sudo systemctl status --no-pager -n 5 systemd-journal-upload; "
+                              "sudo journalctl --no-pager -o short-iso -n 3 SYSLOG_IDENTIFIER=sohocloud-desk",
+                              check=False).stdout[-1500:] for n in sorted(hosts)}
+        state["sink"] = probe.ssh(sink, "sudo journalctl -D /var/log/journal/remote --no-pager -o short-iso -n 5; "
+                                        "sudo systemctl status --no-pager -n 5 systemd-journal-remote", check=False).stdout[-2000:]
+        pytest.fail(f"events on the sink: {sorted({e.get('SOHOCLOUD_EVENT') for e in seen} - {None})}, "
+                    f"missing {sorted(want - {e.get('SOHOCLOUD_EVENT') for e in seen})}; "
+                    + "\n".join(f"--- {k}:\n{v}" for k, v in state.items()))
     starts = [e for e in seen if e.get("SOHOCLOUD_EVENT") == "container-start"]
     assert {e["_HOSTNAME"] for e in starts} >= {joined["alice_host"]}  # from the hosts, over journal-upload
     assert any(e.get("SOHOCLOUD_EVENT") == "session-stop" and e.get("SOHOCLOUD_REASON") for e in seen)
