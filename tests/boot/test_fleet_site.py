@@ -354,7 +354,9 @@ def test_desktop_events_reach_the_log_sink(joined, seat):
                               f"sudo journalctl --no-pager -D /var/log/journal/remote {fields} "
                               "SYSLOG_IDENTIFIER=sohocloud-desk").stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    deadline = time.monotonic() + 180
+    # A PC busy under emulation may ship its journal late (seen: not within 180 s once in a full CI run;
+    # within 2 s on a quiet fleet); the failure below says where the uploads stand.
+    deadline = time.monotonic() + 360
     want = {"sign-in", "sign-in-refused", "session-start", "session-stop", "container-start", "container-stop"}
     while {e.get("SOHOCLOUD_EVENT") for e in events()} < want and time.monotonic() < deadline:
         time.sleep(10)
