@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests/boot"))  # the fleet tests' seat and site helpers
 
 from builder.fleet.checks import CHECKS, FleetProbe  # noqa: E402
+from vm_site import VM_RESERVE, VM_STANDARD, fit_desktops_to_vms  # noqa: E402
 from builder.fleet.netlab import Netns, unique_name  # noqa: E402
 from builder.image.cache import StageCache, extract_tar  # noqa: E402
 from builder.image.pipeline import build  # noqa: E402
@@ -168,7 +169,6 @@ def site_bench(work: Path, key_pub: str, rounds: int, desktops_only: bool = Fals
     site_file = work / "benchsite.yaml"
     text = (REPO / "sites/example.yaml").read_text()
     text = re.sub(r"(?m)^site: example$", "site: benchsite", text)
-    from vm_site import fit_desktops_to_vms
     text = fit_desktops_to_vms(text)  # the example's standard desktop (2G) does not fit a 1 GiB VM
     site_file.write_text(re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {key_pub}", text))
     out, secrets = work / "site-out", work / "site-secrets"
@@ -306,7 +306,6 @@ def desktop_lines(d: dict, site: dict) -> list[str]:
              "",
              "| host | RAM | standard sessions |",
              "|---|---|---|"]
-    from vm_site import VM_RESERVE, VM_STANDARD
     vm_standard, vm_reserve = parse_size(VM_STANDARD), parse_size(VM_RESERVE)
     for name, total in d["desk_room"].items():
         lines.append(f"| {name} (this run's VM; its standard is {VM_STANDARD}, reserve {VM_RESERVE}) | "
