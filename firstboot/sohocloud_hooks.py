@@ -31,7 +31,7 @@ LIVE = ROOT == Path("/")  # hooks touch the running system (systemctl, mount) on
 TLS_DIR = "etc/sohocloud/tls"
 
 NAME_RE = seedrules.LABEL_RE
-DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+DOMAIN_RE = seedrules.DOMAIN_RE
 PEM_RE = re.compile(r"-----BEGIN ([A-Z ]+)-----\n[A-Za-z0-9+/=\n]+-----END \1-----\n?")
 SSH_KEY_TYPES = seedrules.SSH_KEY_TYPES
 

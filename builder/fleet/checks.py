@@ -226,7 +226,8 @@ def check_prometheus(probe: FleetProbe) -> None:
 
 
 def check_journals(probe: FleetProbe) -> None:
-    """Every node's journal reaches the log sink."""
+    """Every node's journal reaches the log sink, each into its own file: the sink disposed of none
+    (journal-remote starts a new file, 8 MB, whenever a node's entries are from the sink's future)."""
     sink = probe.provider("logs")
     want = {n.name for n in probe.users_of("logs")}
 
@@ -234,6 +235,41 @@ def check_journals(probe: FleetProbe) -> None:
         out = probe.ssh(sink, "sudo journalctl -D /var/log/journal/remote -F _HOSTNAME").stdout.split()
         expect(want <= set(out), f"journals from {sorted(set(out))}, missing {sorted(want - set(out))}")
     retry(arrived, 180)
+    disposed = probe.ssh(sink, "sudo find /var/log/journal/remote -name '*.journal~' -printf '%f\\n'").stdout.split()
+    expect(not disposed, f"the sink disposed of {len(disposed)} journal files (a node's clock ahead of "
+           f"the sink's?): {', '.join(sorted(disposed)[:5])}")
+
+
+TIME_TOLERANCE = 0.5  # seconds a node's clock may be off the time server's
+
+
+def tracking_problem(tracking_csv: str, server_address: str) -> str | None:
+    """What is wrong with a node's `chronyc -n -c tracking` line (reference id, reference address,
+    stratum, reference time, system time offset in s, ...), given the site's time server; None: nothing."""
+    fields = tracking_csv.strip().split(",")
+    if len(fields) < 5 or fields[1] != server_address:
+        return f"follows {fields[1] if len(fields) > 1 and fields[1] else 'nothing'}"
+    try:
+        offset = float(fields[4])
+    except ValueError:
+        return f"reports {tracking_csv.strip()!r}"
+    return f"is {offset:+.3f} s off" if abs(offset) > TIME_TOLERANCE else None
+
+
+def check_time(probe: FleetProbe) -> None:
+    """Every node keeps the site's time: its chrony follows the time server (the router), within half a
+    second (one-time codes, certificates and the log sink depend on one time)."""
+    server = probe.provider("time")
+
+    def synced() -> None:
+        problems = []
+        for n in probe.users_of("time"):
+            if n != server:
+                out = probe.ssh(n, "sudo chronyc -n -c tracking", check=False).stdout
+                if problem := tracking_problem(out, server.address):
+                    problems.append(f"{n.name} {problem}")
+        expect(not problems, "; ".join(problems) + f" (time server: {server.name}, {server.address})")
+    retry(synced, 300, every=10)
 
 
 # Seconds a workstation host may take after its boot to fetch its desktop template (~110 MB from
@@ -547,6 +583,7 @@ def check_netboot(probe: FleetProbe, nodes: list[SiteNode] | None = None) -> Non
 CHECKS: dict[str, Callable[[FleetProbe], None]] = {
     "units": check_units,
     "dns": check_dns_and_reservations,
+    "time": check_time,
     "cluster": check_cluster,
     "ldap": check_ldap_users,
     "nas-home": check_nas_home,

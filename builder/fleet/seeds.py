@@ -194,6 +194,7 @@ PROVIDER_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "metrics": _metrics_server,
     "nas": _nas_server,
     "pxe": lambda c: {},  # its settings are router.hosts (netboot: true); the volume comes with fleet up
+    "time": lambda c: {"time": {"serve": c.site.lan, "upstream": list(c.site.time_servers)}},
 }
 CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "cluster": _cluster_client,
@@ -208,6 +209,8 @@ CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "metrics": lambda c: {},
     "nas": lambda c: {"nas": {"server": c.where("nas")["fqdn"], "export": NAS_EXPORT, "mountpoint": NAS_MOUNT}},
     "pxe": lambda c: {},
+    # By address: a node keeps its clock while the router's DNS is down.
+    "time": lambda c: {"time": {"servers": [c.where("time")["address"]]}},
 }
 
 

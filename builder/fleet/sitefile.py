@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sohocloud_firstboot.seedrules import LABEL_RE, is_public_key
+from sohocloud_firstboot.seedrules import DOMAIN_RE, LABEL_RE, is_public_key
 
 from ..errors import ConfigError
 from ..image.config import Repo
@@ -87,6 +87,9 @@ class Site:
     groups: tuple[LdapGroup, ...] = ()
     users: tuple[LdapUser, ...] = ()
     desktops: Desktops = dataclasses.field(default_factory=Desktops)
+    # Where the router takes the time it serves the LAN (NTP). None reachable: the router's own clock,
+    # so the office's clocks still agree with each other (TOTP, TLS, the log sink need that).
+    time_servers: tuple[str, ...] = ("2.debian.pool.ntp.org",)
     gateway: str = ""  # name of the node whose role is the gateway (set by load_site, not in YAML)
 
     @property
@@ -158,6 +161,9 @@ def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list
         if not is_public_key(key.strip()):
             v.fail(("admin_ssh_keys", i), "expected an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
     _check_users(site, v)
+    for i, server in enumerate(site.time_servers):
+        if not (DOMAIN_RE.fullmatch(server) and len(server) <= 253):
+            v.fail(("time_servers", i), f"expected an NTP server's DNS name or IPv4 address, got {server!r}")
     check_desktops(site.desktops, v, {g.name for g in site.groups}, base)
     if site.cluster.engine == "k3s":
         _check_k3s(site, v, base)

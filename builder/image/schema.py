@@ -86,7 +86,7 @@ class User:
 
 # Site services a role can provide or use (see Profile.provides/uses and
 # builder/fleet.py, which writes each one's seed sections).
-SERVICES = ("cluster", "desktops", "git", "ldap", "logs", "metrics", "nas", "pxe")
+SERVICES = ("cluster", "desktops", "git", "ldap", "logs", "metrics", "nas", "pxe", "time")
 
 
 @dataclass(frozen=True)

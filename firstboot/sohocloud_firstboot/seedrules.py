@@ -24,6 +24,8 @@ ADMIN = "admin"
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # Names the site gives (nodes, people, groups, the site itself): lowercase DNS labels.
 LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A DNS name of such labels, dotted (an IPv4 address matches too: the site's time servers may be either).
+DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 # A network-config ethernets key ends up in a file name: keep it boring.
 IFACE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 

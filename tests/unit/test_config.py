@@ -101,8 +101,9 @@ def test_router_keeps_hardened_sysctls(router) -> None:
 def test_router_firewall_ports_exact(router) -> None:
     ports = {(p.zone, p.proto, p.port) for p in router.profile.firewall.ports}
     assert ports == {("lan", "tcp", 22), ("lan", "tcp", 9100), ("lan", "tcp", 53), ("lan", "udp", 53),
-                     ("lan", "udp", 67), ("lan", "udp", 69), ("lan", "tcp", 80)}  # + TFTP, HTTP: PXE server
-    assert len(router.profile.firewall.ports) == 7
+                     ("lan", "udp", 67), ("lan", "udp", 123),  # NTP: the site's time
+                     ("lan", "udp", 69), ("lan", "tcp", 80)}  # + TFTP, HTTP: PXE server
+    assert len(router.profile.firewall.ports) == 8
     assert not any(p.zone == "wan" for p in router.profile.firewall.ports)
     assert router.profile.firewall.masquerade == ("wan",)
     assert [(f.src, f.to) for f in router.profile.firewall.forward] == [("lan", "wan")]

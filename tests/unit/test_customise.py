@@ -158,7 +158,7 @@ def test_nftables_opens_exactly_the_declared_lan_ports(rendered: Path) -> None:
     text = (rendered / "etc/nftables.conf").read_text()
     lines = _rule_lines(text)
     assert 'iifname "lan" tcp dport { 22, 9100, 80, 53 } accept' in lines
-    assert 'iifname "lan" udp dport { 69, 53, 67 } accept' in lines
+    assert 'iifname "lan" udp dport { 69, 53, 67, 123 } accept' in lines
     dport_rules = [line for line in lines if " dport { " in line]
     assert len(dport_rules) == 2, dport_rules
 
@@ -245,7 +245,7 @@ def test_ports_by_zone_dedupes_and_groups(router) -> None:
     dup = dataclasses.replace(fw, ports=fw.ports + (Port("lan", "tcp", 53, "dns-again"),))
     cfg = dataclasses.replace(router, profile=dataclasses.replace(router.profile, firewall=dup))
     ctx = template_context(cfg, identity(KEY))
-    assert ctx["ports_by_zone"] == {"lan": {"tcp": [22, 9100, 80, 53], "udp": [69, 53, 67]}}
+    assert ctx["ports_by_zone"] == {"lan": {"tcp": [22, 9100, 80, 53], "udp": [69, 53, 67, 123]}}
     assert ctx["ssh_zone"] == "lan" and ctx["role"] == "router" and ctx["identity"] == identity(KEY)
 
 

@@ -1,4 +1,5 @@
-"""Tier 1: the port scan and HTTP probe of `fleet test` (builder/fleet/checks.py) against real sockets.
+"""Tier 1: the port scan and HTTP probe of `fleet test` (builder/fleet/checks.py) against real sockets;
+the time check's reading of chronyc.
 
 It runs in a throwaway network namespace with only loopback and a few listeners, so
 what it reports is exactly what this test opened (nothing else of the host is in there).
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from builder.fleet.checks import CheckFailed, http_status, scan_ports
+from builder.fleet.checks import CheckFailed, http_status, scan_ports, tracking_problem
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ip netns)")
 
@@ -106,3 +107,14 @@ def test_http_status_reads_the_servers_answer_and_ignores_the_hosts_proxy(netns,
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("0A2C0001,10.44.0.1,11,1796600000.123,-0.000042,0.0001,0.0002,-3.1,0.01,0.2,0.001,0.002,64.1,Normal\n", None),
+    ("0A2C0001,10.44.0.1,11,1796600000.123,0.734000,0.0001,0.0002,-3.1,0.01,0.2,0.001,0.002,64.1,Normal", "is +0.734 s off"),
+    ("7F7F0101,127.127.1.1,10,1796600000.1,0.0,0,0,0,0,0,0,0,0,Normal", "follows 127.127.1.1"),  # its own clock
+    ("00000000,,0,0.0,0.0,0,0,0,0,0,0,0,0,Not synchronised", "follows nothing"),
+    ("", "follows nothing"),  # chronyc could not ask chronyd
+])
+def test_a_nodes_tracking_line_says_whether_it_keeps_the_sites_time(line, problem):
+    assert tracking_problem(line, "10.44.0.1") == problem

@@ -111,7 +111,7 @@ def test_example_site_providers(site, profiles):
     providers = find_providers(site, profiles)
     assert {svc: n.name for svc, n in providers.items()} == {
         "cluster": "control", "desktops": "control", "git": "control", "ldap": "control", "logs": "control",
-        "metrics": "control", "nas": "nas", "pxe": "gw"}
+        "metrics": "control", "nas": "nas", "pxe": "gw", "time": "gw"}
 
 
 @pytest.mark.parametrize("drop, expect", [
@@ -269,7 +269,7 @@ def test_every_node_gets_services_hosts_and_dns(blocks, site):
     for name, block in blocks.items():
         assert block["hosts"] == hosts, name
         assert block["services"]["nas"] == {"name": "nas", "fqdn": "nas.example.lan", "address": "10.44.0.3"}
-        assert sorted(block["services"]) == ["cluster", "desktops", "git", "ldap", "logs", "metrics", "nas", "pxe"], name
+        assert sorted(block["services"]) == ["cluster", "desktops", "git", "ldap", "logs", "metrics", "nas", "pxe", "time"], name
         if name != "gw":
             assert block["dns"] == {"servers": ["10.44.0.1"], "search": ["example.lan"]}, name
 
@@ -277,7 +277,20 @@ def test_every_node_gets_services_hosts_and_dns(blocks, site):
 def test_service_sections_only_for_the_nodes_role(site, profiles, secrets):
     node = site.node("ws1")
     ctx = SeedContext(site, node, profiles, find_providers(site, profiles), secrets, "", images=(TEMPLATE,))
-    assert set(service_sections(ctx)) == {"logs", "cluster", "ldap", "nas", "desk", "services"}
+    assert set(service_sections(ctx)) == {"logs", "cluster", "ldap", "nas", "desk", "time", "services"}
+
+
+def test_the_router_serves_the_sites_time_and_every_other_node_follows_it_by_address(site, profiles, secrets):
+    providers = find_providers(site, profiles)
+    sections = {n.name: service_sections(SeedContext(site, n, profiles, providers, secrets, "", images=(TEMPLATE,)))
+                for n in site.nodes}
+    assert sections["gw"]["time"] == {"serve": "10.44.0.0/24", "upstream": ["2.debian.pool.ntp.org"]}
+    for name, block in sections.items():
+        if name != "gw":
+            assert block["time"] == {"servers": ["10.44.0.1"]}, name  # no DNS needed to keep the time
+    offline = dataclasses.replace(site, time_servers=())
+    gw = service_sections(SeedContext(offline, offline.node("gw"), profiles, providers, secrets, ""))
+    assert gw["time"] == {"serve": "10.44.0.0/24", "upstream": []}
 
 
 # --------------------------------------------------------------------------- seeds and hashes

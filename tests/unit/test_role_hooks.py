@@ -141,6 +141,37 @@ def test_site_node_without_logs_or_dns(tmp_path, seed):
     assert not (root / "etc/resolv.conf").exists()
 
 
+def test_site_node_time_follows_the_router_which_serves_the_lan(tmp_path, seed):
+    root = make_root(tmp_path, "ws1")
+    p = ok(run_hook(SITE_NODE, root, seed("ws1")))
+    sources = (root / "etc/chrony/sources.d/sohocloud.sources").read_text()
+    assert sources.splitlines()[1:] == ["server 10.44.0.1 iburst"] and "time: from 10.44.0.1" in p.stderr
+    assert not (root / "etc/chrony/conf.d/50-sohocloud-server.conf").exists()
+    gw = make_root(tmp_path / "gw", "gw")
+    ok(run_hook(SITE_NODE, gw, seed("gw")))
+    assert (gw / "etc/chrony/sources.d/sohocloud.sources").read_text().splitlines()[1:] == [
+        "pool 2.debian.pool.ntp.org iburst"]
+    served = (gw / "etc/chrony/conf.d/50-sohocloud-server.conf").read_text().splitlines()[1:]
+    assert served == ["allow 10.44.0.0/24", "local stratum 10"]  # the LAN gets one time even offline
+    block = seed("gw")
+    block["time"]["upstream"] = []
+    p = ok(run_hook(SITE_NODE, gw, block))
+    assert (gw / "etc/chrony/sources.d/sohocloud.sources").read_text().splitlines()[1:] == []
+    assert "from this clock only" in p.stderr
+
+
+def test_site_node_refuses_a_bad_time_server(tmp_path, seed):
+    for key, value in (("servers", ["ntp.example.org"]), ("servers", ["10.44.0.1; rm -rf /"])):
+        block = seed("ws1")
+        block["time"][key] = value
+        p = run_hook(SITE_NODE, make_root(tmp_path / str(len(value[0])), "ws1"), block)
+        assert p.returncode != 0 and "time.servers" in p.stderr
+    block = seed("gw")
+    block["time"]["upstream"] = ["pool.ntp.org\nallow all"]
+    p = run_hook(SITE_NODE, make_root(tmp_path / "gw", "gw"), block)
+    assert p.returncode != 0 and "time.upstream" in p.stderr
+
+
 def test_site_node_refuses_a_bad_host_address(tmp_path, seed):
     block = seed("ws1")
     block["hosts"][0]["address"] = "10.44.0.1 evil.example.com"

@@ -85,6 +85,15 @@ def test_site_errors_name_file_line_and_key(tmp_path, old, new, line, expect):
     assert f"site.yaml:{line}:" in msg, msg
 
 
+def test_time_servers_default_to_debians_pool_and_are_checked(tmp_path):
+    site = load_site(write(tmp_path, GOOD), known_roles=ROLES, gateway_roles=GATEWAYS)
+    assert site.time_servers == ("2.debian.pool.ntp.org",)
+    offline = load_site(write(tmp_path, GOOD + "time_servers: []\n"), known_roles=ROLES, gateway_roles=GATEWAYS)
+    assert offline.time_servers == ()  # the router's own clock: the office still agrees with itself
+    msg = error_of(tmp_path, GOOD + "time_servers: [ntp.example.org, 'pool.ntp.org iburst\\nallow all']\n")
+    assert re.search(r"site.yaml:16: time_servers\[1\]: expected an NTP server's DNS name or IPv4 address", msg), msg
+
+
 def test_admin_key_required(tmp_path):
     text = re.sub(r"admin_ssh_keys:\n  - .*\n", "admin_ssh_keys: []\n", GOOD)
     assert "at least one admin SSH public key" in error_of(tmp_path, text)
