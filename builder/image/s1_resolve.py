@@ -165,6 +165,11 @@ def _check_profile(p: Profile, v: Validator, repo: Repo) -> None:
     for key, exc in p.sysctl_exceptions.items():
         if not exc.reason.strip():
             v.fail(("sysctl_exceptions", key, "reason"), "a sysctl exception needs a non-empty reason")
+    for key, mexc in p.module_exceptions.items():
+        if key not in p.module_blacklist:
+            v.fail(("module_exceptions", key), f"'{key}' is not in any layer's module_blacklist: nothing to except")
+        if not mexc.reason.strip():
+            v.fail(("module_exceptions", key, "reason"), "a module exception needs a non-empty reason")
     try:
         parse_size(p.extra_root_free)
     except ValueError as exc:

@@ -88,7 +88,7 @@ def template_context(cfg: BuildConfig, identity: dict[str, str]) -> dict[str, An
         "network": p.network,
         "sysctl": p.sysctl,
         "sysctl_exceptions": p.sysctl_exceptions,
-        "module_blacklist": p.module_blacklist,
+        "module_blacklist": p.effective_module_blacklist(),
         "vars": p.vars,
         "identity": identity,
         "ports_by_zone": _ports_by_zone(p.firewall.ports),

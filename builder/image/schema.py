@@ -74,6 +74,12 @@ class SysctlException:
 
 
 @dataclass(frozen=True)
+class ModuleException:
+    """A module a layer below blacklists that this role needs, and why."""
+    reason: str
+
+
+@dataclass(frozen=True)
 class User:
     name: str
     groups: tuple[str, ...] = ()
@@ -150,6 +156,7 @@ class Profile:
     dpkg_include: tuple[str, ...] = ()
     kernel_modules: tuple[str, ...] = ()
     module_blacklist: tuple[str, ...] = ()
+    module_exceptions: dict[str, ModuleException] = field(default_factory=dict)
     modules_load: tuple[str, ...] = ()
     services: Services = Services()
     overlays: tuple[str, ...] = ()
@@ -187,6 +194,9 @@ class Profile:
     extra_root_free: str = "0M"
     # Other images this role's nodes use (e.g. the desktop template): built with the site.
     images: tuple[ImageRef, ...] = ()
+
+    def effective_module_blacklist(self) -> tuple[str, ...]:
+        return tuple(m for m in self.module_blacklist if m not in self.module_exceptions)
 
     def effective_sysctl(self) -> dict[str, str]:
         out = {k: str(v) for k, v in self.sysctl.items()}

@@ -22,7 +22,7 @@ from builder.image.cache import StageCache
 from builder.machine.flash import check_device, parse_bmap
 from builder.proc import run
 from builder.seed import read_seed_from_fat, render_seed, write_cidata, write_seed_to_fat
-from bootkit import REPO, build_image, disk_raw  # tests/boot is on sys.path (prepend import mode)
+from bootkit import REPO, build_image, disk_raw, partition_raw  # tests/boot is on sys.path (prepend import mode)
 
 pytestmark = pytest.mark.boot
 BOARDS = ["rpi4", "rock64"]
@@ -232,3 +232,29 @@ def test_flashed_card_equals_image_plus_seed(pi_card, loopdev, seed_img, tmp_pat
             pos += n
         assert got.read(1 << 20) == b"\0" * (1 << 20)  # nothing written past the image
     assert read_seed_from_fat(dev, start, where["folder"])["meta-data"].startswith("instance-id:")
+
+
+def debugfs(raw: Path, request: str) -> str:
+    return run(["debugfs", "-R", request, str(raw)], capture=True).stdout
+
+
+@pytest.mark.parametrize("role,allowed", [("storage", True), ("router", False)])
+def test_usb_storage_is_on_the_nas_card_only(role, allowed, tmp_path):
+    """The NAS's card ships usb-storage (and all it needs, by modules.dep) and does not blacklist it
+    (a board's data disks are USB disks); every other role's card blocks it and lacks it."""
+    image = build_image(role, "rock64", "arm64")
+    raw = partition_raw(image, "root", tmp_path)
+    modules = f"/lib/modules/{manifest_of(image)['kernel']}"
+    deps = {line.split(":")[0]: line.split(":")[1].split() for line in
+            debugfs(raw, f"cat {modules}/modules.dep").splitlines() if ":" in line}
+    blacklist = debugfs(raw, "cat /etc/modprobe.d/sohocloud-blacklist.conf")
+    assert "blacklist cramfs" in blacklist  # the right file
+    usb_storage = "kernel/drivers/usb/storage/usb-storage.ko"
+    if allowed:
+        assert usb_storage in deps and "kernel/drivers/scsi/sd_mod.ko" in deps
+        for dep in deps[usb_storage] + deps["kernel/drivers/scsi/sd_mod.ko"]:
+            assert dep in deps, f"{dep} (needed by usb-storage or sd_mod) is not on the card"
+        assert "usb-storage" not in blacklist
+    else:
+        assert usb_storage not in deps
+        assert "blacklist usb-storage\ninstall usb-storage /bin/false" in blacklist

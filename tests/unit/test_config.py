@@ -469,3 +469,28 @@ def test_cli_list(repo: Path, tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert any(re.fullmatch(r"router\s+--target qemu\s+--arch amd64", line.strip()) for line in lines), lines
     assert not any(line.split()[0] in ("base", "hardened") for line in lines if line.strip())
+
+
+def test_usb_storage_is_allowed_on_the_nas_only() -> None:
+    """hardened blacklists usb-storage; storage (a board's USB disks) excepts it, with a reason, and
+    ships the modules; every other role keeps it blocked and unshipped."""
+    repo = Repo(REPO_ROOT)
+    nas = resolve(repo, "storage", target="rock64", arch="arm64")
+    assert "usb-storage" not in nas.profile.effective_module_blacklist()
+    assert "USB disks" in nas.profile.module_exceptions["usb-storage"].reason
+    assert {"drivers/usb/storage/usb-storage.ko", "drivers/scsi/sd_mod.ko"} <= set(nas.kernel_module_paths())
+    for role in ("router", "control", "workstation-host"):
+        cfg = resolve(repo, role)
+        assert "usb-storage" in cfg.profile.effective_module_blacklist(), role
+        assert not any("usb/storage" in m for m in cfg.kernel_module_paths()), role
+
+
+@pytest.mark.parametrize("entry,expect", [
+    ("usbnet: {reason: why}", "module_exceptions.usbnet: 'usbnet' is not in any layer's module_blacklist"),
+    ("sctp: {reason: ' '}", "module_exceptions.sctp.reason: a module exception needs a non-empty reason"),
+])
+def test_a_module_exception_needs_a_blacklisted_module_and_a_reason(repo: Path, entry: str, expect: str) -> None:
+    f = repo / "profiles/router.yaml"
+    edit(f, "\nvars:\n", f"\nmodule_exceptions:\n  {entry}\nvars:\n")
+    msg = config_error(repo)
+    assert f"{f}:{line_of(f, entry)}:" in msg and expect in msg, msg
