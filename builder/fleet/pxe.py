@@ -62,7 +62,9 @@ def write_pxe_volume(site: Site, server: SiteNode, sets: dict[str, Path], seeds:
     shutil.rmtree(stage, ignore_errors=True)
     http = stage / "http"
     try:
-        http.mkdir(parents=True)
+        stage.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir(mode=0o700)  # the seeds pass through it: no one else on the build host looks in
+        http.mkdir()
         for f in images:
             if recorded_sha256(out, f) != sha256_file(f):
                 raise SohoError(f"{f}: does not match {out / 'SHA256SUMS'}: rebuild it (sohocloud fleet build)")
@@ -85,10 +87,7 @@ def write_pxe_volume(site: Site, server: SiteNode, sets: dict[str, Path], seeds:
             d.mkdir(parents=True, mode=0o750)
             os.chown(d, 0, WWW_DATA_GID)
             for fname, text in sorted(read_cidata(seeds[name]).items()):
-                p = d / fname
-                p.write_text(text)
-                os.chown(p, 0, WWW_DATA_GID)
-                os.chmod(p, 0o640)
+                _write_seed_file(d / fname, text)
         for d in (stage, http, http / "pxe", http / "seeds", http / "images"):
             d.mkdir(exist_ok=True)
             os.chmod(d, 0o755)
@@ -96,14 +95,28 @@ def write_pxe_volume(site: Site, server: SiteNode, sets: dict[str, Path], seeds:
         size_mib = size * 11 // 10 // (1 << 20) + 32
         tmp = volume.with_name("." + volume.name + ".tmp")
         tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))  # it carries the seeds
         run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-d", stage, "-E", "root_owner=0:0", "-O", "^has_journal",
              tmp, f"{size_mib}M"])
-        os.chmod(tmp, 0o600)  # it carries the netboot nodes' seeds
         os.replace(tmp, volume)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         volume.with_name("." + volume.name + ".tmp").unlink(missing_ok=True)
     return volume
+
+
+def _write_seed_file(p: Path, text: str) -> None:
+    """A seed file for the PXE server: created 0600 (whatever the umask), then given to its
+    www-data group read-only; never readable by anyone else, not even for a moment."""
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(text.encode())
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchown(fd, 0, WWW_DATA_GID)
+        os.fchmod(fd, 0o640)
+    finally:
+        os.close(fd)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import yaml
 
 from .context import SEED_DIRS_LIST, info, warn
@@ -17,6 +19,20 @@ if TYPE_CHECKING:
 SCRUBBED_HEAD = f"{USER_DATA_HEADER}\n# sohocloud-firstboot applied"
 SCRUBBED = (SCRUBBED_HEAD + " this seed (instance {iid}) and removed it from here:\n"
             "# it carried this node's keys and passwords. Write a new seed to provision again.\n")
+
+
+def wipe_in_place(path) -> None:
+    """Zeros over the file's own bytes, then fsync. A rename alone leaves the old clusters of a card's
+    FAT partition as they were: anyone reading the card raw would still find the keys there."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        left = os.fstat(fd).st_size
+        zeros = bytes(min(left, 1 << 16))
+        while left > 0:
+            left -= os.write(fd, zeros[:left])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def scrub_seed_dirs(ctx: Ctx, instance_id: str) -> None:
@@ -42,6 +58,7 @@ def scrub_seed_dirs(ctx: Ctx, instance_id: str) -> None:
         if str(meta.get("instance-id", "")) != instance_id or user_data.read_bytes().startswith(SCRUBBED_HEAD.encode()):
             continue
         try:
+            wipe_in_place(user_data)  # a power cut from here on: the next boot scrubs again
             write_atomic(user_data, SCRUBBED.format(iid=instance_id).encode(), 0o600)
             info(f"seed: secrets removed from /{line.lstrip('/')}/user-data")
         except OSError as e:

@@ -180,12 +180,20 @@ def find_cidata_device(ctx: Ctx, patient: bool) -> str | None:
     return None
 
 
+# The seed volume, read-only, its files (keys, passwords) readable by root only while it is mounted.
+CIDATA_MOUNTS = (("vfat", "ro,nosuid,nodev,noexec,umask=0077"),
+                 ("iso9660", "ro,nosuid,nodev,noexec,mode=0400,dmode=0500"))
+
+
 def read_cidata_device(ctx: Ctx, dev: str) -> dict[str, bytes | None] | None:
     """Mount read-only, copy the three files into memory, unmount at once so
     nothing keeps the volume busy."""
     mnt = ctx.path(MOUNT_DIR)
     mnt.mkdir(parents=True, exist_ok=True, mode=0o700)
-    r = tool(["mount", "-t", "vfat,iso9660", "-o", "ro,nosuid,nodev,noexec", dev, str(mnt)])
+    for fstype, options in CIDATA_MOUNTS:  # one type at a time: each refuses the other's options
+        r = tool(["mount", "-t", fstype, "-o", options, dev, str(mnt)])
+        if r is not None and r.returncode == 0:
+            break
     if r is None or r.returncode != 0:
         why = r.stderr.strip() if r is not None else "mount not found"
         ctx.error(f"cidata volume {dev}: mount failed: {why}")

@@ -27,6 +27,7 @@ from builder.fleet.record import load_built
 from builder.fleet.running import FleetPaths, fleet_ssh_argv
 from builder.fleet.up import console_says_settled
 from builder.machine.qemu import screendump
+from builder.proc import run
 
 from bootkit import ARTIFACTS as LOGS  # tests/boot is on sys.path (prepend import mode)
 from bootkit import OUT, REPO
@@ -214,6 +215,31 @@ def test_secrets_stay_out_of_images_manifests_and_logs(joined):
                | {str(c): c.read_text(errors="replace") for c in (OUT / SITE / "run").glob("*.console.log")})
     leaks = [f"{p.relative_to(secrets)} shows in {where}" for v, p in files.items() for where, t in sources.items() if v in t]
     assert not leaks, "\n".join(leaks)
+
+
+def test_a_cards_boot_partition_holds_no_key_material_after_first_boot(joined, tmp_path):
+    """The NAS boots from its card (the seed in the card's FAT boot partition): once its first boot is
+    done, the whole partition, read raw as a thief imaging the card would, has no byte of its keys or
+    of any site secret (firstboot zeroes the seed's user-data in place before replacing it)."""
+    probe, secrets = joined["probe"], joined["secrets"] / SITE
+    cards = [n for n in joined["site"].nodes if n.target in ("rpi4", "rock64")]
+    assert cards, "the example site has a card node (the NAS)"
+    needles = {p.relative_to(secrets): p.read_text().strip().encode() for p in secrets.rglob("*")
+               if p.is_file() and p.suffix in (".secret", ".password")}
+    for node in cards:
+        key = (secrets / "nodes" / f"{node.name}.key").read_text().splitlines()
+        needles[f"{node.name}.key"] = key[len(key) // 2].encode()  # a line from the middle of the PEM
+        boot = next(p for p in probe.manifest(node)["partitions"] if p["type"] == "boot")
+        raw = tmp_path / f"{node.name}.raw"
+        run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(OUT / SITE / "run" / f"{node.name}.qcow2"),
+             str(raw)])
+        with open(raw, "rb") as f:
+            f.seek(boot["start"])
+            data = f.read(boot["size"])
+        raw.unlink()
+        assert b"instance-id" in data  # the seed's meta-data is there: the right partition
+        found = [str(name) for name, value in needles.items() if value in data]
+        assert not found, f"{node.name}'s card still holds {found} after its first boot"
 
 
 # --------------------------------------------------------------------------- desktops

@@ -3,9 +3,12 @@ take the seed's secrets off the card's boot partition once both phases are done.
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
 from pathlib import Path
 
+import pytest
 from sohocloud_firstboot import context, growroot, scrub
 from sohocloud_firstboot import main as fb_main
 
@@ -93,3 +96,64 @@ def test_online_phase_end_scrubs_and_the_next_boot_is_done(tmp_path: Path) -> No
     assert fb_main.online_phase(ctx) == 0
     assert "TOPSECRET" not in (d / "user-data").read_text()
     assert fb_main.firstboot(context.Ctx(root=tmp_path, system=False), None, "all") == 0  # "already done"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop mount)")
+def test_a_scrubbed_seed_leaves_no_key_material_on_the_disk_read_raw(tmp_path: Path, monkeypatch) -> None:
+    """After the scrub, not a byte of the secret is left on the filesystem's disk (a rename alone
+    leaves the old blocks, readable by anyone who images the card). ext4 on a loop device here: this
+    host's kernel has no vfat; the fleet test reads a real card's FAT partition after its first boot.
+    A power cut after the wipe leaves zeros: the next boot is still done, and scrubs again."""
+    part = tmp_path / "boot.img"
+    subprocess.run(["truncate", "-s", "32M", str(part)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(part)], check=True)
+    root = tmp_path / "root"
+    firmware = root / "boot/firmware"
+    firmware.mkdir(parents=True)
+    subprocess.run(["mount", "-o", "loop", str(part), str(firmware)], check=True)
+    try:
+        d = seed_dir(root, "pi1-abc")
+        secret = "-----BEGIN PRIVATE KEY-----" + "K3Y" * 3000  # spans several blocks
+        (d / "user-data").write_text(f"#cloud-config\nsohocloud: {{tls: {{key: '{secret}'}}}}\n")
+        os.sync()
+        ctx = context.Ctx(root=root, system=False)
+        for marker in (context.MARKER, context.HANDOFF):
+            (root / marker).parent.mkdir(parents=True, exist_ok=True)
+            (root / marker).write_text("pi1-abc\n")
+
+        def power_cut(*args, **kw):
+            raise OSError(5, "power cut")
+        with monkeypatch.context() as m:
+            m.setattr(scrub, "write_atomic", power_cut)  # the power goes right after the wipe
+            assert fb_main.online_phase(ctx) == 0
+        assert (d / "user-data").read_bytes().strip(b"\0") == b""
+        # The next boot: "already done (both phases)", and it scrubs what the power cut left.
+        assert fb_main.firstboot(context.Ctx(root=root, system=False), None, "all") == 0
+        assert (d / "user-data").read_text().startswith(scrub.SCRUBBED_HEAD)
+    finally:
+        subprocess.run(["umount", str(firmware)], check=True)
+    raw = part.read_bytes()
+    assert b"K3YK3Y" not in raw and b"BEGIN PRIVATE KEY" not in raw
+
+
+def test_the_seed_volume_is_mounted_read_only_for_root_alone(tmp_path: Path, monkeypatch) -> None:
+    """A cidata volume's keys are readable by root only while it is mounted: vfat with umask 0077,
+    else iso9660 with mode 0400 (each type refuses the other's options, so one at a time)."""
+    from sohocloud_firstboot import sources
+    calls: list[list[str]] = []
+
+    def tool(cmd):
+        calls.append(cmd)
+        if cmd[0] == "mount":
+            mnt = Path(cmd[-1])
+            (mnt / "meta-data").write_text("instance-id: x\n")
+            ok = cmd[2] == "iso9660"  # a CD-ROM seed: vfat fails first
+            return subprocess.CompletedProcess(cmd, 0 if ok else 32, "", "" if ok else "wrong fs type")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(sources, "tool", tool)
+    files = sources.read_cidata_device(context.Ctx(root=tmp_path, system=False), "/dev/sr0")
+    assert files is not None and files["meta-data"] == b"instance-id: x\n"
+    mounts = [c for c in calls if c[0] == "mount"]
+    assert [(c[2], c[4]) for c in mounts] == [("vfat", "ro,nosuid,nodev,noexec,umask=0077"),
+                                              ("iso9660", "ro,nosuid,nodev,noexec,mode=0400,dmode=0500")]
+    assert calls[-1][0] == "umount"

@@ -3,6 +3,7 @@ VM's QEMU line, and the errors a bad netboot target file gets."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,49 @@ def test_the_volume_serves_the_images_nodes_fetch_and_refuses_a_changed_one(tmp_
     image.write_bytes(b"changed")
     with pytest.raises(SohoError, match="does not match .*SHA256SUMS"):
         write_pxe_volume(site, gw, {}, {}, out, out / "office" / "pxe.img", [image])
+
+
+def test_the_netboot_seeds_are_never_readable_by_others_while_the_volume_is_made(tmp_path: Path, monkeypatch) -> None:
+    """Even with umask 0: each seed file is 0600 when it is created (then 0640 for the server's
+    www-data), the staging tree is 0700, and the volume file is 0600 before mkfs writes a byte."""
+    import stat as st
+
+    from builder.fleet import pxe
+    from builder.seed import write_cidata
+    out = tmp_path / "out"
+    netboot = out / "pxe" / "workstation-host-debian-amd64"
+    netboot.mkdir(parents=True)
+    (netboot / "boot.ipxe").write_text("#!ipxe\n")
+    (out / "SHA256SUMS").write_text(f"{pxe.sha256_file(netboot / 'boot.ipxe')}  pxe/{netboot.name}/boot.ipxe\n")
+    seed = write_cidata({"meta-data": "instance-id: pc1-x\n", "user-data": "#cloud-config\nsecret: S3CR3T\n",
+                         "network-config": "version: 2\n"}, tmp_path / "pc1.img")
+    gw = SiteNode("gw", "router", "10.44.0.1", "52:54:00:44:00:01")
+    pc1 = SiteNode("pc1", "workstation-host", "10.44.0.21", "52:54:00:44:00:21", target="pxe")
+    site = Site(name="office", domain="office.lan", lan="10.44.0.0/24", admin_ssh_keys=(), nodes=(gw, pc1))
+    seen: dict[str, int] = {}
+    created: list[int] = []
+    real_fchown, real_run = os.fchown, pxe.run
+
+    def fchown(fd, uid, gid):  # the moment after creation, before the file is handed to www-data
+        created.append(st.S_IMODE(os.fstat(fd).st_mode))
+        real_fchown(fd, uid, gid)
+
+    def run(argv, **kw):
+        if argv[0] == "mkfs.ext4":
+            volume_tmp, stage = Path(argv[-2]), Path(argv[argv.index("-d") + 1])
+            seen["volume before mkfs"] = st.S_IMODE(volume_tmp.stat().st_mode)
+            seen["seeds folder"] = st.S_IMODE((stage / "http/seeds" / pc1.mac).stat().st_mode)
+            for f in (stage / "http/seeds" / pc1.mac).iterdir():
+                seen[f.name] = st.S_IMODE(f.stat().st_mode)
+        return real_run(argv, **kw)
+    monkeypatch.setattr(pxe.os, "fchown", fchown)
+    monkeypatch.setattr(pxe, "run", run)
+    old_umask = os.umask(0)
+    try:
+        volume = pxe.write_pxe_volume(site, gw, {"pc1": netboot}, {"pc1": seed}, out, out / "office" / "pxe.img")
+    finally:
+        os.umask(old_umask)
+    assert created == [0o600] * 3, created
+    assert seen["user-data"] == seen["meta-data"] == 0o640 and seen["seeds folder"] == 0o750, seen
+    assert seen["volume before mkfs"] == 0o600, seen
+    assert st.S_IMODE(volume.stat().st_mode) == 0o600
