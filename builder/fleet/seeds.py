@@ -194,7 +194,7 @@ PROVIDER_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "metrics": _metrics_server,
     "nas": _nas_server,
     "pxe": lambda c: {},  # its settings are router.hosts (netboot: true); the volume comes with fleet up
-    "time": lambda c: {"time": {"serve": c.site.lan, "upstream": list(c.site.time_servers)}},
+    "time": lambda c: {"time": {"upstream": list(c.site.time_servers)}},  # what it serves: its role's
 }
 CLIENT_SECTIONS: dict[str, Callable[[SeedContext], dict[str, Any]]] = {
     "cluster": _cluster_client,

@@ -284,13 +284,13 @@ def test_the_router_serves_the_sites_time_and_every_other_node_follows_it_by_add
     providers = find_providers(site, profiles)
     sections = {n.name: service_sections(SeedContext(site, n, profiles, providers, secrets, "", images=(TEMPLATE,)))
                 for n in site.nodes}
-    assert sections["gw"]["time"] == {"serve": "10.44.0.0/24", "upstream": ["2.debian.pool.ntp.org"]}
+    assert sections["gw"]["time"] == {"upstream": ["2.debian.pool.ntp.org"]}
     for name, block in sections.items():
         if name != "gw":
             assert block["time"] == {"servers": ["10.44.0.1"]}, name  # no DNS needed to keep the time
     offline = dataclasses.replace(site, time_servers=())
     gw = service_sections(SeedContext(offline, offline.node("gw"), profiles, providers, secrets, ""))
-    assert gw["time"] == {"serve": "10.44.0.0/24", "upstream": []}
+    assert gw["time"] == {"upstream": []}
 
 
 # --------------------------------------------------------------------------- seeds and hashes

@@ -141,23 +141,28 @@ def test_site_node_without_logs_or_dns(tmp_path, seed):
     assert not (root / "etc/resolv.conf").exists()
 
 
-def test_site_node_time_follows_the_router_which_serves_the_lan(tmp_path, seed):
+def test_site_node_time_follows_the_router_which_follows_the_sites_servers(tmp_path, seed):
     root = make_root(tmp_path, "ws1")
     p = ok(run_hook(SITE_NODE, root, seed("ws1")))
     sources = (root / "etc/chrony/sources.d/sohocloud.sources").read_text()
     assert sources.splitlines()[1:] == ["server 10.44.0.1 iburst"] and "time: from 10.44.0.1" in p.stderr
-    assert not (root / "etc/chrony/conf.d/50-sohocloud-server.conf").exists()
     gw = make_root(tmp_path / "gw", "gw")
     ok(run_hook(SITE_NODE, gw, seed("gw")))
     assert (gw / "etc/chrony/sources.d/sohocloud.sources").read_text().splitlines()[1:] == [
         "pool 2.debian.pool.ntp.org iburst"]
-    served = (gw / "etc/chrony/conf.d/50-sohocloud-server.conf").read_text().splitlines()[1:]
-    assert served == ["allow 10.44.0.0/24", "local stratum 10"]  # the LAN gets one time even offline
     block = seed("gw")
     block["time"]["upstream"] = []
     p = ok(run_hook(SITE_NODE, gw, block))
     assert (gw / "etc/chrony/sources.d/sohocloud.sources").read_text().splitlines()[1:] == []
     assert "from this clock only" in p.stderr
+
+
+def test_only_the_router_serves_time_to_the_lan_bound_to_its_lan_interface():
+    served = (OVERLAYS / "router/etc/chrony/conf.d/50-sohocloud-server.conf").read_text().splitlines()
+    assert {"allow", "binddevice lan", "local stratum 10"} <= set(served)
+    others = [p for p in OVERLAYS.glob("*/etc/chrony/**/*") if p.is_file() and "router" not in p.parts]
+    assert others and not any(line.split()[:1] in (["allow"], ["local"]) for p in others
+                              for line in p.read_text().splitlines()), others
 
 
 def test_site_node_refuses_a_bad_time_server(tmp_path, seed):
