@@ -2,13 +2,17 @@
 
 firstboot.d hooks run before networkd/sshd/role services start (configuration
 files); online.d hooks run once the node is on the LAN (cluster join, directory
-lookups), retried with backoff until each succeeds.
+lookups): in rounds, each pending hook once per round, with backoff between rounds,
+until each has succeeded. A try that runs longer than ONLINE_HOOK_TIMEOUT_S is stuck:
+its whole process group is killed and it is tried again next round, so one stuck or
+failing hook never holds up the others.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 HOOK_DIR = "usr/lib/sohocloud/firstboot.d"
 ONLINE_HOOK_DIR = "usr/lib/sohocloud/online.d"
 ONLINE_BACKOFF_S = (2, 4, 8, 15, 30)
+ONLINE_HOOK_TIMEOUT_S = 600  # one try of an online hook (70-cluster's own waits are shorter)
+TIMED_OUT = 124  # the exit code timeout(1) gives a command it stopped
 # A firstboot.d hook whose first line is this runs in a fork of firstboot (see run_hook).
 PYTHON_SHEBANG = b"#!/usr/bin/python3\n"
 
@@ -74,7 +80,7 @@ def hook_env(ctx: Ctx, instance_id: str) -> dict[str, str]:
     return env
 
 
-def run_hook(ctx: Ctx, hook: Path, env: dict[str, str], *, fork: bool = True) -> int:
+def run_hook(ctx: Ctx, hook: Path, env: dict[str, str], *, fork: bool = True, timeout: float | None = None) -> int:
     """Run one hook as its own process: argv [hook], *env*, cwd the root, stdin /dev/null.
 
     A hook is any executable. With *fork*, a Python one (first line exactly
@@ -91,7 +97,7 @@ def run_hook(ctx: Ctx, hook: Path, env: dict[str, str], *, fork: bool = True) ->
         except OSError:
             pass
     if not python:
-        return subprocess.run([str(hook)], env=env, cwd=str(ctx.root), stdin=subprocess.DEVNULL).returncode
+        return _run_hook_process(ctx, hook, env, timeout)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -99,6 +105,22 @@ def run_hook(ctx: Ctx, hook: Path, env: dict[str, str], *, fork: bool = True) ->
         _run_python_hook_here(hook, env, str(ctx.root))  # never returns
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def _run_hook_process(ctx: Ctx, hook: Path, env: dict[str, str], timeout: float | None) -> int:
+    """The hook in a session of its own: past *timeout*, it and everything it started are killed."""
+    proc = subprocess.Popen([str(hook)], env=env, cwd=str(ctx.root), stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        warn(f"hook {hook.name}: still running after {timeout:.0f} s: stopped (with what it started)")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        return TIMED_OUT
 
 
 def _run_python_hook_here(hook: Path, env: dict[str, str], cwd: str) -> None:
@@ -153,25 +175,37 @@ def run_hooks(ctx: Ctx, instance_id: str) -> None:
         info(f"role hook {h.name}: ok")
 
 
+def backoff(seconds: float) -> None:
+    time.sleep(seconds)
+
+
 def run_online_hooks(ctx: Ctx, instance_id: str) -> None:
-    """Each online hook until it succeeds, backing off between tries (the
-    services it needs, e.g. the cluster manager, may not be up yet)."""
+    """Rounds over the pending online hooks, backing off between rounds, until each has succeeded
+    (what a hook needs, e.g. the cluster manager, may not be up yet). Within a round the hooks run
+    in order, and one that fails or is stopped (ONLINE_HOOK_TIMEOUT_S) does not keep the next from
+    its try; a hook that needs an earlier one fails until that one is done, like any unmet need."""
     hooks = list_hooks(ctx, ONLINE_HOOK_DIR)
     if not hooks_allowed(ctx, hooks):
         return
     env = hook_env(ctx, instance_id)
-    for h in hooks:
-        tries = 0
-        while True:
-            info(f"online hook {h.name}: running" + (f" (try {tries + 1})" if tries else ""))
+    pending, rounds = hooks, 0
+    while True:
+        failed = []
+        for h in pending:
+            info(f"online hook {h.name}: running" + (f" (try {rounds + 1})" if rounds else ""))
             # A fresh process each try, never a fork: the online phase is off the path to
             # SSH (nothing to save), and a try minutes later must start from the system as
             # it is then, not from a copy of this long-lived process.
-            rc = run_hook(ctx, h, env, fork=False)
+            rc = run_hook(ctx, h, env, fork=False, timeout=ONLINE_HOOK_TIMEOUT_S)
             if rc == 0:
                 info(f"online hook {h.name}: ok")
-                break
-            wait = ONLINE_BACKOFF_S[min(tries, len(ONLINE_BACKOFF_S) - 1)]
-            warn(f"online hook {h.name}: not yet (exit {rc}); trying again in {wait} s")
-            tries += 1
-            time.sleep(wait)
+            else:
+                warn(f"online hook {h.name}: not yet (exit {rc})")
+                failed.append(h)
+        if not failed:
+            return
+        wait = ONLINE_BACKOFF_S[min(rounds, len(ONLINE_BACKOFF_S) - 1)]
+        warn(f"online hooks not done yet: {', '.join(h.name for h in failed)}; trying again in {wait} s")
+        rounds += 1
+        backoff(wait)
+        pending = failed

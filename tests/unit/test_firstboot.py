@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -579,10 +580,10 @@ def add_online_hook(root: Path, name: str, body: str) -> Path:
 def test_online_phase_retries_until_each_hook_succeeds(root: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The online phase runs after the early one; a failing hook (manager not up yet) is retried with
-    backoff, the next hook runs only once it succeeded, and the marker comes last."""
+    backoff between rounds, the next hook has its try meanwhile, and the marker comes last."""
     monkeypatch.setenv("SOHOCLOUD_RUN_HOOKS", "1")
     sleeps: list[float] = []
-    monkeypatch.setattr(hooks.time, "sleep", sleeps.append)
+    monkeypatch.setattr(hooks, "backoff", sleeps.append)
     count = root / "tries"
     add_online_hook(root, "10-join", f'echo x >> "{count}"\n[ "$(wc -l < "{count}")" -ge 3 ]\n')
     add_online_hook(root, "20-after", f'test -f "$SOHOCLOUD_SEED_JSON" && touch "{root}/after"\n')
@@ -599,6 +600,29 @@ def test_online_phase_retries_until_each_hook_succeeds(root: Path, tmp_path: Pat
     assert run_fb(root, make_seed(tmp_path / "seed")) == 0
     assert run_fb(root, None, "--phase", "online") == 0
     assert count.read_text().count("x") == 3
+
+
+def test_a_stuck_online_hook_is_stopped_and_does_not_hold_up_the_others(root: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A try that outlives ONLINE_HOOK_TIMEOUT_S is killed with everything it started; the hooks
+    after it have their tries meanwhile; the stuck one is tried again and can then succeed."""
+    monkeypatch.setenv("SOHOCLOUD_RUN_HOOKS", "1")
+    monkeypatch.setattr(hooks, "ONLINE_HOOK_TIMEOUT_S", 2)
+    monkeypatch.setattr(hooks, "backoff", lambda s: None)
+    pids, tries = tmp_path / "pids", tmp_path / "tries"
+    # First try: hangs, with a child of its own. Second try: done.
+    add_online_hook(root, "10-stuck", f'echo x >> "{tries}"\n[ "$(wc -l < "{tries}")" -ge 2 ] && exit 0\n'
+                                      f'sleep 600 & echo $! > "{pids}"\nwait\n')
+    add_online_hook(root, "20-unrelated", f'[ -s "{pids}" ] && touch "{root}/unrelated"\n')
+    assert run_fb(root, make_seed(tmp_path / "seed")) == 0
+    started = time.monotonic()
+    assert run_fb(root, None, "--phase", "online") == 0
+    assert time.monotonic() - started < 30
+    assert (root / "unrelated").exists()  # ran while 10-stuck was still to be retried
+    assert tries.read_text().count("x") == 2
+    child = int(pids.read_text())
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
+    assert (root / "var/lib/sohocloud/online.done").read_text() == "iid-1\n"
 
 
 def test_online_python_hooks_run_as_fresh_processes(root: Path, tmp_path: Path,
