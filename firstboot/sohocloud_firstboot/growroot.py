@@ -66,13 +66,17 @@ def grow_root(ctx: Ctx) -> None:
     disk_sectors = int(ctx.path(f"sys/block/{disk}/size").read_text())
     with open(ctx.path(f"dev/{disk}"), "r+b") as f:
         new = mbr_grow(f.read(512), number, disk_sectors)
-        if new is None:
-            return
-        f.seek(0)
-        f.write(new)
-        f.flush()
-        os.fsync(f.fileno())
-    for cmd in (["partx", "-u", "--nr", str(number), f"/dev/{disk}"], ["resize2fs", f"/dev/{part}"]):
+        if new is not None:
+            f.seek(0)
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+    # The filesystem is grown even when the partition already was: a power cut between the two
+    # (this phase runs again on the next boot) would otherwise leave the root small for good.
+    # On a root that already fills its partition resize2fs has nothing to do.
+    steps = ([["partx", "-u", "--nr", str(number), f"/dev/{disk}"]] if new is not None else []) + [
+        ["resize2fs", f"/dev/{part}"]]
+    for cmd in steps:
         r = tool(cmd)
         if r is None or r.returncode != 0:
             raise StepError(f"grow root: {cmd[0]} failed: {(r.stderr.strip() if r else 'not installed')[-300:]}")

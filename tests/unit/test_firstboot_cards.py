@@ -63,6 +63,42 @@ def test_grow_root_skipped_without_the_image_flag(tmp_path: Path) -> None:
     growroot.grow_root(ctx)  # would need /dev and /sys otherwise: returns before touching them
 
 
+def card_root(tmp_path: Path, mbr_bytes: bytes, disk_sectors: int) -> Path:
+    """A fake root as grow_root sees a card: / on mmcblk0p2 (sysfs), the disk's MBR in dev/."""
+    root = tmp_path / "root"
+    (root / "etc/sohocloud").mkdir(parents=True)
+    (root / "etc/sohocloud/image.json").write_text('{"grow_root": true}')
+    part = root / "sys/devices/platform/mmc/mmcblk0/mmcblk0p2"
+    part.mkdir(parents=True)
+    (part / "partition").write_text("2\n")
+    st = os.stat(root)
+    (root / "sys/dev/block").mkdir(parents=True)
+    (root / f"sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").symlink_to(part)
+    (root / "sys/block/mmcblk0").mkdir(parents=True)
+    (root / "sys/block/mmcblk0/size").write_text(f"{disk_sectors}\n")
+    (root / "sys/class/block/mmcblk0p2").mkdir(parents=True)
+    (root / "sys/class/block/mmcblk0p2/size").write_text(f"{disk_sectors - 257 * MIB}\n")
+    (root / "dev").mkdir()
+    (root / "dev/mmcblk0").write_bytes(mbr_bytes)
+    return root
+
+
+@pytest.mark.parametrize("already_grown", [False, True])
+def test_root_growth_cut_by_a_power_cut_resumes_on_the_next_boot(tmp_path: Path, monkeypatch, already_grown) -> None:
+    """The partition grows, then the filesystem. Power cut between the two: the next boot finds the
+    partition grown, and still grows the filesystem (before, it did nothing: a small root for good)."""
+    card = 8 * 1024 * MIB
+    small = mbr((0x0C, 1 * MIB, 256 * MIB), (0x83, 257 * MIB, 600 * MIB))
+    grown = growroot.mbr_grow(small, 2, card)
+    root = card_root(tmp_path, grown if already_grown else small, card)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(growroot, "tool", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    growroot.grow_root(context.Ctx(root=root, system=True))
+    assert (root / "dev/mmcblk0").read_bytes() == grown
+    assert [c[0] for c in ran] == (["resize2fs"] if already_grown else ["partx", "resize2fs"])
+    assert ran[-1] == ["resize2fs", "/dev/mmcblk0p2"]
+
+
 def seed_dir(root: Path, iid: str) -> Path:
     d = root / "boot/firmware/sohocloud"
     d.mkdir(parents=True)

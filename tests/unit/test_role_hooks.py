@@ -11,6 +11,7 @@ import configparser
 import copy
 import json
 import os
+import runpy
 import stat
 import subprocess
 import sys
@@ -424,3 +425,26 @@ def test_pxe_server_refuses_a_bad_mac(tmp_path, seed):
     p = run_hook(PXE_SERVER, root, block)
     assert p.returncode != 0 and "seed value refused: router.hosts[].mac" in p.stderr
     assert not (root / "etc/sohocloud/lighttpd-pxe.conf").exists()
+
+
+NAS_USERS = OVERLAYS / "storage/usr/lib/sohocloud/online.d/60-nas-users"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives homes to other uids (root)")
+def test_a_home_is_theirs_before_it_appears_and_an_interrupted_one_is_given_on_the_next_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOHOCLOUD_LIB", str(REPO / "firstboot"))
+    give_home = runpy.run_path(str(NAS_USERS), run_name="nas_users")["give_home"]
+    homes = tmp_path / "home"
+    homes.mkdir()
+    (homes / ".alice.new").mkdir()  # a run cut before its rename: never in place, still empty
+    give_home(homes / "alice", "alice", 2001)
+    st = (homes / "alice").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (2001, 2001, 0o700)
+    assert sorted(p.name for p in homes.iterdir()) == ["alice"]
+    (homes / "bob").mkdir(mode=0o700)  # the old code cut between mkdir and chown: root's
+    give_home(homes / "bob", "bob", 2002)
+    assert ((homes / "bob").stat().st_uid, stat.S_IMODE((homes / "bob").stat().st_mode)) == (2002, 0o700)
+    (homes / "carol").mkdir(mode=0o750)
+    os.chown(homes / "carol", 3000, 3000)  # someone else's on purpose: left as it is
+    give_home(homes / "carol", "carol", 2003)
+    assert ((homes / "carol").stat().st_uid, stat.S_IMODE((homes / "carol").stat().st_mode)) == (3000, 0o750)
