@@ -448,3 +448,17 @@ def test_a_home_is_theirs_before_it_appears_and_an_interrupted_one_is_given_on_t
     os.chown(homes / "carol", 3000, 3000)  # someone else's on purpose: left as it is
     give_home(homes / "carol", "carol", 2003)
     assert ((homes / "carol").stat().st_uid, stat.S_IMODE((homes / "carol").stat().st_mode)) == (3000, 0o750)
+
+
+ROUTER = OVERLAYS / "router/usr/lib/sohocloud/firstboot.d/50-router"
+
+
+def test_router_hook_writes_its_files_atomically_with_their_modes(tmp_path, seed):
+    root = make_root(tmp_path, "gw")
+    block = seed("gw")
+    ok(run_hook(ROUTER, root, block))
+    hosts = (root / "etc/dnsmasq.d/60-site-hosts.conf").read_text()
+    assert "52:54:00:44:00:02" in hosts and "10.44.0.2" in hosts
+    assert (root / "etc/dnsmasq.d/50-lan-range.conf").is_file()
+    assert mode(root / "etc/dnsmasq.d/60-site-hosts.conf") == 0o644
+    assert not list(root.rglob("*.tmp")) and not list(root.rglob(".*.tmp"))  # nothing half-written left

@@ -170,3 +170,23 @@ def test_the_long_functions_read_as_named_steps(name):
     fn = next(n for n in ast.walk(ast.parse((BUILDER / where).read_text()))
               if isinstance(n, ast.FunctionDef) and n.name == name)
     assert fn.end_lineno - fn.lineno + 1 <= 40
+
+
+# A hook's only ways to write a file: sohocloud_hooks.write (temp file, fsync, rename) or
+# firstboot's write_atomic. The exceptions, each with why.
+DIRECT_WRITE_RE = re.compile(r"\.write_text\(|\.write_bytes\(|os\.fdopen\(|os\.open\(|\bopen\([^)]*['\"][wax]")
+DIRECT_WRITES_ALLOWED = {
+    "control/usr/lib/sohocloud/firstboot.d/40-control": "the LDIFs slapadd loads, in a TemporaryDirectory "
+                                                        "removed after: never a file the node keeps",
+}
+
+
+def test_every_role_hook_writes_its_files_atomically():
+    found = {}
+    for hook in sorted(REPO.glob("overlays/*/usr/lib/sohocloud/*.d/*")):
+        if hook.is_file() and not hook.name.endswith(".pyc"):
+            lines = [i + 1 for i, line in enumerate(hook.read_text().splitlines()) if DIRECT_WRITE_RE.search(line)]
+            rel = str(hook.relative_to(REPO / "overlays"))
+            if lines and rel not in DIRECT_WRITES_ALLOWED:
+                found[rel] = lines
+    assert not found, f"hooks writing files directly (use sohocloud_hooks.write): {found}"
