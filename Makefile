@@ -17,7 +17,7 @@ APT_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools e2f
                 squashfs-tools xz-utils kmod busybox socat iproute2 openssh-client systemd \
                 ca-certificates python3-venv nftables cpio smbclient git \
                 qemu-system-arm qemu-efi-aarch64 qemu-user-static binfmt-support arch-test bmap-tools \
-                zbar-tools chromium chromium-driver tigervnc-standalone-server xterm
+                zbar-tools chromium chromium-driver tigervnc-standalone-server xterm wireguard-go wireguard-tools
 
 .PHONY: all deps apt binfmt venv image test test-unit test-boot test-k3s test-all bench bench-desktops clean distclean
 

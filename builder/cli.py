@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import SohoError
 from .fleet.build import fleet_build
 from .fleet.checks import CHECKS, FleetProbe, run_checks
+from .fleet.leaks import find_secrets, site_artefacts, site_needles
 from .fleet.record import load_built, site_name_of
 from .fleet.running import FleetPaths, booted_record, check_root, fleet_down, fleet_ssh_argv
 from .fleet.sitefile import NAME_RE
@@ -84,6 +85,18 @@ def cmd_fleet_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_fleet_scan(args: argparse.Namespace) -> int:
+    """Every artefact the site was built from, searched for every one of its secrets."""
+    record, _file = load_built(Path(args.output), Repo.default().root, args.site)
+    artefacts = site_artefacts(record, Path(args.output))
+    found = find_secrets(artefacts, site_needles(Path(args.secrets) / record.site.name))
+    for where, names in found.items():
+        print(f"LEAK  {where}: {', '.join(names)}")
+    print(f"{record.site.name}: {len(artefacts)} artefact(s) searched, "
+          + (f"{len(found)} hold site secrets" if found else "no site secret in any"))
+    return 1 if found else 0
+
+
 def cmd_fleet_down(args: argparse.Namespace) -> int:
     name, _file = site_name_of(Repo.default().root, args.site)
     check_root()
@@ -136,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     add_fleet_build(fsub)
     add_fleet_up(fsub)
     add_fleet_test(fsub)
+    add_fleet_scan(fsub)
     add_fleet_ssh(fsub)
     add_fleet_sessions(fsub)
     add_fleet_down(fsub)
@@ -213,6 +227,14 @@ def add_fleet_test(fsub) -> None:
     s.add_argument("-i", "--identity", required=True, help="the admin's private key")
     s.add_argument("-k", "--only", action="append", default=[], metavar="CHECK", help="run only this check")
     s.set_defaults(func=cmd_fleet_test)
+
+
+def add_fleet_scan(fsub) -> None:
+    s = fsub.add_parser("scan", help="search every image the site was built from for any of its secrets")
+    s.add_argument("site")
+    add_output(s)
+    add_secrets(s)
+    s.set_defaults(func=cmd_fleet_scan)
 
 
 def add_fleet_sessions(fsub) -> None:

@@ -25,6 +25,7 @@ from ..image.s5_assemble import artefact_path
 from ..image.s6_manifest import manifest_path, recorded_sha256
 from ..image.schema import Profile
 from ..progress import plain_lines
+from . import vpn
 from .pxe import pxe_volume_path, write_pxe_volume
 from .record import NodeRecord, file_ref, new_record, record_path, write_record
 from .secrets import SiteSecrets
@@ -73,6 +74,7 @@ def fleet_build(repo: Repo, site_arg: str, out: Path, secrets_root: Path, *, use
     cache = StageCache()
     build_lanes(plan.site.name, plan.cfgs, lambda cfg: build(cfg, out, cache=cache, use_cache=use_cache))
     issue_second_factors(plan.site, secrets)
+    issue_vpn_configs(plan.site, secrets)
     seeds = write_seeds(plan, secrets, out)
     volume = write_pxe(plan, seeds, out)
     record = record_site(plan, out, seeds, volume)
@@ -140,6 +142,14 @@ def build_lanes(site_name: str, cfgs: list[BuildConfig], build_one: Callable[[Bu
         futures = [pool.submit(run_lane, name, lane) for name, lane in lanes.items()]
     for f in futures:
         f.result()
+
+
+def issue_vpn_configs(site: Site, secrets: SiteSecrets) -> None:
+    """Each VPN peer's client config, secrets/<site>/vpn/<peer>.conf (0600), for the admin to hand over."""
+    if site.vpn is None:
+        return
+    vpn.write_client_configs(site, secrets)
+    log.info("fleet %s: VPN: %d peer config(s) in %s", site.name, len(site.vpn.peers), secrets.root / "vpn")
 
 
 def issue_second_factors(site: Site, secrets: SiteSecrets) -> None:

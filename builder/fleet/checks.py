@@ -25,8 +25,11 @@ from pathlib import Path
 from ..errors import SohoError
 from ..machine.qemu import image_info
 from .record import NodeRecord, SiteRecord
-from .running import WAN_PROBE_PORTS, FleetPaths, booted_record, read_state, wan_probe_port
+from .running import WAN_GATEWAY, WAN_PROBE_PORTS, WAN_SEAT, FleetPaths, booted_record, read_state
+from .secrets import wireguard_public
 from .sitefile import Site, SiteNode
+from .netlab import Netns
+from .vpnpeer import VpnPeer
 
 log = logging.getLogger("sohocloud.fleet")
 
@@ -116,8 +119,8 @@ def retry(fn: Callable[[], None], timeout: float, every: float = 5) -> None:
 # --------------------------------------------------------------------------- checks
 
 
-def dns_query(probe: FleetProbe, server: str, name: str) -> list[str]:
-    """A-record lookup straight at the router's DNS, from the host's seat on the LAN."""
+def dns_query(probe: FleetProbe, server: str, name: str, netns: str | None = None) -> list[str]:
+    """A-record lookup straight at the router's DNS, from the host's seat on the LAN (or *netns*)."""
     script = ("import socket,struct,sys\n"
               "name=sys.argv[2]\n"
               "q=struct.pack('>HHHHHH',0x5c5c,0x0100,1,0,0,0)+b''.join(bytes([len(p)])+p.encode() for p in name.split('.'))"
@@ -129,7 +132,8 @@ def dns_query(probe: FleetProbe, server: str, name: str) -> list[str]:
               "  t,c,ttl,l=struct.unpack('>HHIH',r[i:i+10]);i+=10\n"
               "  out.append('.'.join(map(str,r[i:i+l])) if t==1 else '');i+=l\n"
               "print(' '.join(a for a in out if a))\n")
-    p = probe.in_netns(["python3", "-c", script, server, name], timeout=20)
+    p = subprocess.run(["ip", "netns", "exec", netns or probe.netns, "python3", "-c", script, server, name],
+                       capture_output=True, text=True, timeout=20)
     return p.stdout.split() if p.returncode == 0 else []
 
 
@@ -163,6 +167,25 @@ def check_cluster(probe: FleetProbe) -> None:
         expect(got == members, f"role labels {got}, expected {members}")
 
     retry(ready, 240)
+
+
+def check_overlay_encrypted(probe: FleetProbe) -> None:
+    """The swarm's routing-mesh overlay (ingress) is an encrypted network, and every member holds
+    ESP security associations with the manager: overlay traffic between nodes is IPsec, not plain
+    VXLAN."""
+    manager = probe.provider("cluster")
+    members = [n for n in probe.site.nodes if probe.node_record(n).cluster != "none"]
+    opts = probe.ssh(manager, "sudo docker network inspect ingress --format '{{json .Options}}'").stdout
+    expect("encrypted" in json.loads(opts or "{}"), f"the ingress network's options: {opts.strip()}")
+    for n in members:
+        if n == manager:
+            continue
+        def keyed(n=n) -> None:
+            states = probe.ssh(n, "sudo ip xfrm state").stdout
+            pairs = set(re.findall(r"^src (\S+) dst (\S+)\n\s+proto esp", states, re.M))
+            expect({(n.address, manager.address), (manager.address, n.address)} <= pairs,
+                   f"{n.name}: no ESP both ways with {manager.name} (has {sorted(pairs)})")
+        retry(keyed, 120)
 
 
 def check_ldap_users(probe: FleetProbe) -> None:
@@ -410,8 +433,10 @@ def scan_ports(probe: "FleetProbe", addresses: list[str], timeout: float = 600) 
 
 def check_port_scan(probe: FleetProbe) -> None:
     """A full TCP scan from the LAN sees exactly each node's declared LAN ports."""
+    # The seat is no site node: ports open to the site's nodes only (a cluster's) are closed to it.
     declared = {n.address: sorted({p["port"] for p in probe.manifest(n)["ports"]
-                                   if p["zone"] == "lan" and p["proto"] == "tcp"}) for n in probe.site.nodes}
+                                   if p["zone"] == "lan" and p["proto"] == "tcp" and p.get("peers", "any") == "any"})
+                for n in probe.site.nodes}
     seen = scan_ports(probe, list(declared))
     problems = []
     for n in probe.site.nodes:
@@ -426,16 +451,144 @@ def check_port_scan(probe: FleetProbe) -> None:
     expect(not problems, "; ".join(problems))
 
 
-# Each probe speaks the port's protocol, so a service that is reached answers
-# (a silent open socket and a dropped SYN look alike through user-net).
+# A LAN client that takes a lease from the router's DHCP pool (busybox udhcpc: the script only
+# puts the offered address on the interface; the lease is released on exit).
+UDHCPC_SCRIPT = """#!/bin/sh
+[ "$1" = bound ] && ip addr add "$ip/$mask" dev "$interface"
+exit 0
+"""
+REACH_EACH = r"""
+import concurrent.futures, socket, sys
+def reach(target):
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close(); return target, 1
+    except OSError:
+        return target, 0
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    for target, ok in pool.map(reach, sys.argv[1:]):
+        print(target, ok)
+"""
+
+
+def lan_stranger(probe: FleetProbe, name: str) -> tuple[str, str]:
+    """A namespace *name* on the site LAN holding a lease from the router's DHCP pool: (name, address)."""
+    known = {n.mac for n in probe.site.nodes}
+    mac = next(m for m in (f"52:54:00:ee:ee:{i:02x}" for i in range(256)) if m not in known)
+    try:
+        inner = Netns(probe.netns).add_client(name, mac)
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+            f.write(UDHCPC_SCRIPT)
+        Path(f.name).chmod(0o700)
+        p = subprocess.run(["ip", "netns", "exec", name, "busybox", "udhcpc", "-i", inner, "-n", "-q", "-f",
+                            "-t", "10", "-T", "3", "-s", f.name], capture_output=True, text=True, timeout=90)
+        Path(f.name).unlink()
+        got = re.search(r"lease of ([0-9.]+) obtained", p.stdout + p.stderr)
+        expect(got is not None, f"no DHCP lease from the router's pool: {(p.stdout + p.stderr)[-400:]}")
+        return name, got.group(1)
+    except BaseException:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        raise
+
+
+def check_members_only(probe: FleetProbe) -> None:
+    """A cluster's own ports (declared `peers: site`) answer the site's nodes only: a LAN client with
+    a lease from the router's DHCP pool reaches each node's other services but none of these. (The
+    site's members reach them: the `cluster` check.)"""
+    gw = probe.site.node(probe.site.gateway)
+    ns, address = lan_stranger(probe, f"{probe.netns}-dhcp")
+    try:
+        expect(address not in {n.address for n in probe.site.nodes}, f"the pool gave a node's address {address}")
+        closed, control = [], []
+        for n in probe.site.nodes:
+            ports = probe.manifest(n)["ports"]
+            site_only = sorted({p["port"] for p in ports if p["proto"] == "tcp" and p.get("peers") == "site"})
+            if site_only:
+                closed += [f"{n.address}:{port}" for port in site_only]
+                control.append(f"{n.address}:22")  # the same node answers the stranger's ssh
+        expect(bool(closed), "no node declares a port for the site's nodes only")
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", REACH_EACH, *control, *closed],
+                           capture_output=True, text=True, timeout=120)
+        seen = dict(line.split() for line in p.stdout.splitlines() if len(line.split()) == 2)
+        expect(all(seen.get(t) == "1" for t in control), f"the DHCP client {address} reaches no ssh: {seen} "
+                                                         f"{p.stderr[-300:]} (gateway {gw.address})")
+        answered = [t for t in closed if seen.get(t) != "0"]
+        expect(not answered, f"cluster ports answer the DHCP client {address}: {answered}")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+LISTEN_ONCE = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(8); s.settimeout(float(sys.argv[3]))
+print("listening", flush=True)
+try:
+    while True:
+        s.accept()[0].close()
+except OSError:
+    pass
+"""
+
+
+def check_vpn(probe: FleetProbe) -> None:
+    """A WireGuard peer (the site's first peer sohocloud made a key for) connects to the router from
+    the WAN side and reaches exactly what the site's `vpn.reach` names: those ports answer, the
+    same nodes' other ports and every other node do not, nor does the internet beyond the router
+    (a listener on the WAN side that the router itself reaches)."""
+    vpn = probe.site.vpn
+    if vpn is None:
+        return  # the site has no VPN
+    gw = probe.site.node(probe.site.gateway)
+    keys = probe.secrets / "wireguard"
+    peer = next((p for p in vpn.peers if (keys / "peers" / f"{p.name}.key").is_file()), None)
+    expect(peer is not None, "no VPN peer with a key sohocloud made (secrets/<site>/wireguard/peers/)")
+    router_public = wireguard_public((keys / f"{gw.name}.key").read_text().strip())
+    client = VpnPeer.start(probe.netns, (keys / "peers" / f"{peer.name}.key").read_text().strip(), peer.address,
+                           router_public, f"{WAN_GATEWAY}:{vpn.port}")
+    wan_port = 29998
+    listener = subprocess.Popen(["ip", "netns", "exec", probe.netns, sys.executable, "-c", LISTEN_ONCE,
+                                 WAN_SEAT, str(wan_port), "300"], stdout=subprocess.PIPE, text=True)
+    try:
+        listener.stdout.readline()
+        allowed = [f"{probe.site.node(r.node).address}:{r.port}" for r in vpn.reach if r.proto == "tcp" and r.port]
+        nodes = {r.node for r in vpn.reach if r.port is None}
+        refused = [f"{n.address}:{port}" for n in probe.site.nodes if n.name not in nodes
+                   for port in (22, 443, 636, 9100)
+                   if f"{n.address}:{port}" not in allowed] + [f"{WAN_SEAT}:{wan_port}"]
+
+        def reached() -> None:
+            p = client.exec([sys.executable, "-c", REACH_EACH, *allowed])
+            seen = dict(line.split() for line in p.stdout.splitlines() if len(line.split()) == 2)
+            expect(all(seen.get(t) == "1" for t in allowed),
+                   f"the VPN peer {peer.name} ({peer.address}) does not reach {allowed}: {seen} "
+                   f"(last handshake: {client.handshake_age()} s ago) {p.stderr[-300:]}")
+        retry(reached, 90)
+        for r in vpn.reach:
+            if r.proto == "udp" and r.port == 53 and r.node == gw.name:
+                got = dns_query(probe, gw.address, f"{gw.name}.{probe.site.domain}", netns=client.netns)
+                expect(got == [gw.address], f"the VPN peer asked the router's DNS for {gw.name}: {got}")
+        p = client.exec([sys.executable, "-c", REACH_EACH, *refused])
+        seen = dict(line.split() for line in p.stdout.splitlines() if len(line.split()) == 2)
+        answered = [t for t in refused if seen.get(t) != "0"]
+        expect(not answered, f"the VPN peer reaches what the site does not give it: {answered}")
+        # The WAN-side listener is there (the router reaches it), so the refusal was the router's.
+        probe.ssh(gw, f"python3 -c 'import socket; socket.create_connection((\"{WAN_SEAT}\", {wan_port}), 10).close()'")
+    finally:
+        listener.kill()
+        client.close()
+
+
+# Each probe speaks the port's protocol, so a service that is reached answers (a refused or
+# dropped connection and a silent socket all count as closed).
 WAN_PROBE_SCRIPT = r"""
 import concurrent.futures as cf, socket, ssl, struct, sys
 HTTP = b"GET / HTTP/1.0\r\n\r\n"
 DNS = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x02gw\x00\x00\x01\x00\x01"
 def probe(arg):
-    port, local = map(int, arg.split(":"))
+    port = int(arg)
     try:
-        s = socket.create_connection(("127.0.0.1", local), timeout=3)
+        s = socket.create_connection((sys.argv[1], port), timeout=3)
         s.settimeout(4)
         if port in (443, 636, 7443):
             ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
@@ -449,15 +602,14 @@ def probe(arg):
     except OSError:
         return port, 0
 with cf.ThreadPoolExecutor(16) as ex:
-    for port, n in ex.map(probe, sys.argv[1:]): print(port, n)
+    for port, n in ex.map(probe, sys.argv[2:]): print(port, n)
 """
 
 
 def check_wan_closed(probe: FleetProbe) -> None:
-    """From the WAN side (QEMU user-net forwards to the router's WAN address) nothing answers."""
-    script = WAN_PROBE_SCRIPT
-    ports = [f"{p}:{wan_probe_port(p)}" for p in WAN_PROBE_PORTS]
-    p = probe.in_netns(["python3", "-c", script, *ports], timeout=120)
+    """From the WAN side (the host's seat on the gateway's WAN bridge) nothing of the router answers
+    but its declared WAN openings (the VPN's UDP port)."""
+    p = probe.in_netns(["python3", "-c", WAN_PROBE_SCRIPT, WAN_GATEWAY, *map(str, WAN_PROBE_PORTS)], timeout=120)
     expect(p.returncode == 0, f"WAN probe failed: {p.stderr[-300:]}")
     answered = [line for line in p.stdout.splitlines() if line.split()[1] != "0"]
     expect(not answered, f"answered from the WAN side: {answered}")
@@ -593,6 +745,9 @@ CHECKS: dict[str, Callable[[FleetProbe], None]] = {
     "git": check_git,
     "desktops": check_desktops,
     "port-scan": check_port_scan,
+    "members-only": check_members_only,
+    "overlay-encrypted": check_overlay_encrypted,
+    "vpn": check_vpn,
     "wan-closed": check_wan_closed,
     "backup-restore": check_backup_restore,
     "netboot": check_netboot,

@@ -37,10 +37,15 @@ class Netns:
     def exec(self, argv: list[str], **kw) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", self.name, *argv], **kw)
 
-    def add_tap(self, tap: str) -> str:
-        """A tap on the bridge, for a QEMU started inside this namespace."""
+    def add_bridge(self, bridge: str) -> None:
+        """A second bridge (another network, e.g. the gateway's WAN side)."""
+        self.ip("link", "add", bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        self.ip("link", "set", bridge, "up")
+
+    def add_tap(self, tap: str, bridge: str | None = None) -> str:
+        """A tap on the bridge (or *bridge*), for a QEMU started inside this namespace."""
         self.ip("tuntap", "add", "dev", tap, "mode", "tap")
-        self.ip("link", "set", tap, "master", self.bridge, "up")
+        self.ip("link", "set", tap, "master", bridge or self.bridge, "up")
         return tap
 
     def add_address(self, cidr: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import SohoError
 from ..proc import run
 from .record import RECORD_NAME, SiteRecord, read_record, record_path
-from .sitefile import Site
+from .sitefile import Site, SiteNode
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class FleetPaths:
     def known_hosts(self) -> Path:
         return self.run / "known_hosts"
 
+    @property
+    def wan_dhcpd_pid(self) -> Path:
+        return self.run / "wan-dhcpd.pid"
+
     def console(self, node: str) -> Path:
         return self.run / f"{node}.console.log"
 
@@ -60,13 +64,21 @@ def seat_address(site: Site) -> str:
     return f"{net.broadcast_address - 1}/{net.prefixlen}"
 
 
-# Ports of the gateway's WAN address that `fleet test` probes from the WAN side:
-# QEMU user-net forwards 127.0.0.1:<20000+port> inside the site's namespace to them.
+# The gateway's WAN side: a second bridge in the site's namespace standing in for the internet
+# (RFC 5737 documentation addresses, routed nowhere). The host's seat on it serves the gateway its
+# WAN address by DHCP (busybox udhcpd); `fleet test` probes the WAN from there, and a VPN peer
+# connects from there. Nothing on it reaches beyond the namespace.
+WAN_BRIDGE = "brwan"
+WAN_SEAT = "192.0.2.1"
+WAN_GATEWAY = "192.0.2.2"  # the gateway's WAN address (the DHCP server's only lease)
+WAN_PREFIX = 24
+# Ports of the gateway's WAN address that `fleet test` probes from the WAN side.
 WAN_PROBE_PORTS = (22, 53, 80, 443, 636, 7443, 9090, 9100)
 
 
-def wan_probe_port(port: int) -> int:
-    return 20000 + port
+def wan_mac(node: SiteNode) -> str:
+    """The gateway's WAN NIC: its LAN MAC with the locally administered prefix 52:54:01."""
+    return "52:54:01:" + node.mac.split(":", 3)[3]
 
 
 # --------------------------------------------------------------------------- state
@@ -136,10 +148,21 @@ def fleet_down(paths: FleetPaths, site_name: str, only: tuple[str, ...] = ()) ->
     if only and any_up(state):
         write_state(paths, state)
         return stopped
+    stop_wan_dhcp(paths)
     subprocess.run(["ip", "netns", "del", state["netns"]], capture_output=True)
     paths.state.unlink(missing_ok=True)
     paths.booted.unlink(missing_ok=True)
     return stopped
+
+
+def stop_wan_dhcp(paths: FleetPaths) -> None:
+    """The WAN side's DHCP server (it would keep the namespace alive)."""
+    try:
+        pid = int(paths.wan_dhcpd_pid.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError, IndexError):
+        pass  # not running
+    paths.wan_dhcpd_pid.unlink(missing_ok=True)
 
 
 def stop_qemu(pid: int) -> bool:

@@ -167,8 +167,15 @@ class SiteSecrets:
         return key_path.read_bytes(), cert_path.read_bytes()
 
     def wireguard(self, node: SiteNode) -> tuple[str, str]:
-        priv = ensure_secret(self.root / "wireguard" / f"{node.name}.key", lambda: wireguard_keypair()[0])
-        priv_s = priv.decode().strip()
+        """A node's WireGuard key pair (private, public), made once."""
+        return self._wireguard(self.root / "wireguard" / f"{node.name}.key")
+
+    def wireguard_peer(self, name: str) -> tuple[str, str]:
+        """A VPN peer's key pair, for a peer the site file gives no public key of."""
+        return self._wireguard(self.root / "wireguard" / "peers" / f"{name}.key")
+
+    def _wireguard(self, path: Path) -> tuple[str, str]:
+        priv_s = ensure_secret(path, lambda: wireguard_keypair()[0]).decode().strip()
         return priv_s, wireguard_public(priv_s)
 
     def secret(self, name: str) -> str:

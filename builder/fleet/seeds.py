@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import SohoError
 from ..image.schema import Profile, parse_size
 from ..seed import default_instance_id, render_seed, write_cidata
+from . import vpn
 from .desktops import parse_duration
 from .secrets import SiteSecrets
 from .sitefile import SITE_IDS, Site, SiteNode
@@ -263,6 +264,8 @@ def node_settings(site: Site, node: SiteNode, secrets: SiteSecrets, services: Se
             "hosts": [{"name": n.name, "mac": n.mac, "address": n.address,
                        **({"netboot": True} if n.name in netboot else {})} for n in site.nodes],
         }
+        if site.vpn is not None:
+            block["wireguard"] = vpn.gateway_block(site, secrets)
     return block
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sohocloud_firstboot.seedrules import DOMAIN_RE, LABEL_RE, is_public_key
+from sohocloud_firstboot.seedrules import DOMAIN_RE, LABEL_RE, WG_KEY_RE, is_public_key
 
 from ..errors import ConfigError
 from ..image.config import Repo
@@ -77,6 +77,43 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class VpnPeer:
+    name: str
+    address: str  # its address in the tunnel (vpn.network)
+    # Its own key pair's public half. Without it sohocloud makes the pair and writes the peer's
+    # config to secrets/<site>/vpn/<name>.conf, to hand over.
+    public_key: str | None = None
+
+
+@dataclass(frozen=True)
+class VpnReach:
+    """One thing VPN clients may reach: a node, or one of its ports."""
+    node: str
+    port: int | None = None  # none: every port of the node (not for the gateway itself)
+    proto: Literal["tcp", "udp"] = "tcp"
+
+
+@dataclass(frozen=True)
+class Vpn:
+    """Remote access: WireGuard on the gateway's WAN side. Clients reach what `reach` names, and
+    nothing else: not the internet through the office, not another node, not another port."""
+    network: str  # the tunnel's IPv4 network; the gateway takes its first address
+    peers: tuple[VpnPeer, ...]
+    reach: tuple[VpnReach, ...]
+    port: int = 51820
+    # The gateway's public DNS name or address, for the clients' configs (else a placeholder to fill).
+    endpoint: str = ""
+
+    @property
+    def tunnel(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.network)
+
+    @property
+    def gateway_address(self) -> str:
+        return str(next(self.tunnel.hosts()))
+
+
+@dataclass(frozen=True)
 class Site:
     name: str
     domain: str
@@ -90,6 +127,7 @@ class Site:
     # Where the router takes the time it serves the LAN (NTP). None reachable: the router's own clock,
     # so the office's clocks still agree with each other (TOTP, TLS, the log sink need that).
     time_servers: tuple[str, ...] = ("2.debian.pool.ntp.org",)
+    vpn: Vpn | None = None
     gateway: str = ""  # name of the node whose role is the gateway (set by load_site, not in YAML)
 
     @property
@@ -165,6 +203,8 @@ def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list
         if not (DOMAIN_RE.fullmatch(server) and len(server) <= 253):
             v.fail(("time_servers", i), f"expected an NTP server's DNS name or IPv4 address, got {server!r}")
     check_desktops(site.desktops, v, {g.name for g in site.groups}, base)
+    if site.vpn is not None:
+        _check_vpn(site, site.vpn, v, net, gateway_roles)
     if site.cluster.engine == "k3s":
         _check_k3s(site, v, base)
 
@@ -235,6 +275,53 @@ def _check_users(site: Site, v: Validator) -> None:
         for j, g in enumerate(user.groups):
             if g not in gids:
                 v.fail(("users", i, "groups", j), f"unknown group '{g}' (declare it under groups)")
+
+
+def _check_vpn(site: Site, vpn: Vpn, v: Validator, lan: ipaddress.IPv4Network, gateway_roles: list[str]) -> None:
+    try:
+        tunnel = vpn.tunnel
+    except ValueError as exc:
+        v.fail(("vpn", "network"), f"expected an IPv4 network like 10.45.0.0/24: {exc}")
+    if tunnel.overlaps(lan) or tunnel.prefixlen > 30:
+        v.fail(("vpn", "network"), f"expected a network apart from the LAN {lan}, with room for peers (/30 or "
+               f"larger), got {tunnel}")
+    if not 0 < vpn.port < 65536:
+        v.fail(("vpn", "port"), f"expected a UDP port 1-65535, got {vpn.port}")
+    if vpn.endpoint and not (DOMAIN_RE.fullmatch(vpn.endpoint) and len(vpn.endpoint) <= 253):
+        v.fail(("vpn", "endpoint"), f"expected the router's public DNS name or IPv4 address, got {vpn.endpoint!r}")
+    if not vpn.peers:
+        v.fail(("vpn", "peers"), "expected at least one peer {name, address[, public_key]}")
+    seen: dict[str, int] = {}
+    for i, peer in enumerate(vpn.peers):
+        where = ("vpn", "peers", i)
+        if not NAME_RE.match(peer.name):
+            v.fail(where + ("name",), f"expected a lowercase name, got {peer.name!r}")
+        try:
+            addr = ipaddress.IPv4Address(peer.address)
+        except ValueError:
+            v.fail(where + ("address",), f"expected an IPv4 address, got {peer.address!r}")
+        if addr not in tunnel or addr in (tunnel.network_address, tunnel.broadcast_address) \
+                or str(addr) == vpn.gateway_address:
+            v.fail(where + ("address",), f"expected a host address of {tunnel} other than the router's "
+                   f"{vpn.gateway_address}, got {addr}")
+        if peer.public_key is not None and not WG_KEY_RE.fullmatch(peer.public_key):
+            v.fail(where + ("public_key",), "expected a WireGuard public key (44 characters of base64, `wg pubkey`)")
+        for key in ("name", "address"):
+            value = getattr(peer, key)
+            if value in seen:
+                v.fail(where + (key,), f"duplicate {key} {value!r} (also peer {seen[value]})")
+            seen[value] = i
+    if not vpn.reach:
+        v.fail(("vpn", "reach"), "expected what VPN clients may reach: [{node: nas, port: 445}, ...]")
+    names = {n.name: n for n in site.nodes}
+    for i, r in enumerate(vpn.reach):
+        if r.node not in names:
+            v.fail(("vpn", "reach", i, "node"), f"unknown node '{r.node}' (nodes: {', '.join(names)})")
+        if r.port is not None and not 0 < r.port < 65536:
+            v.fail(("vpn", "reach", i, "port"), f"expected a port 1-65535, got {r.port}")
+        if r.port is None and names[r.node].role in gateway_roles:
+            v.fail(("vpn", "reach", i, "port"), f"the router {r.node} itself: name each port VPN clients may use "
+                   "(e.g. {node: " + r.node + ", port: 53, proto: udp}), not all of them")
 
 
 def _check_k3s(site: Site, v: Validator, base: Path) -> None:

@@ -28,8 +28,8 @@ from ..machine.qemu import VM, Nic, image_info, once_more_after_hiccup
 from ..proc import run
 from .netlab import Netns
 from .record import NodeRecord, SiteRecord, record_path
-from .running import (WAN_PROBE_PORTS, FleetPaths, any_up, keep_booted_record, netns_name, node_up, read_state,
-                      seat_address, wan_probe_port, write_state)
+from .running import (WAN_BRIDGE, WAN_GATEWAY, WAN_PREFIX, WAN_SEAT, FleetPaths, any_up, keep_booted_record,
+                      netns_name, node_up, read_state, seat_address, stop_wan_dhcp, wan_mac, write_state)
 from .sitefile import Site, SiteNode
 
 log = logging.getLogger("sohocloud.fleet")
@@ -103,10 +103,35 @@ def open_lan(site: Site, paths: FleetPaths, state: dict | None) -> tuple[Netns, 
     ns = Netns(netns_name(site))
     if state is not None:  # more nodes on the LAN that is already up (e.g. the manager after its workers)
         return ns, state
-    subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)  # a stale one from a crash
+    stop_wan_dhcp(paths)  # a stale one from a crash
+    subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
     ns.create()
     ns.ip("addr", "add", seat_address(site), "dev", ns.bridge)
+    open_wan(ns, paths)
     return ns, {"netns": ns.name, "nodes": {}}
+
+
+# busybox udhcpd: the gateway's WAN address, its only lease (no router option: there is no internet).
+WAN_DHCPD_CONF = """interface {bridge}
+start {address}
+end {address}
+max_leases 1
+option subnet 255.255.255.0
+lease_file {leases}
+pidfile {pidfile}
+"""
+
+
+def open_wan(ns: Netns, paths: FleetPaths) -> None:
+    """The gateway's WAN side: a bridge with the host's seat on it serving the WAN address by DHCP."""
+    ns.add_bridge(WAN_BRIDGE)
+    ns.ip("addr", "add", f"{WAN_SEAT}/{WAN_PREFIX}", "dev", WAN_BRIDGE)
+    conf = paths.run / "wan-dhcpd.conf"
+    leases = paths.run / "wan-dhcpd.leases"
+    leases.write_bytes(b"")
+    conf.write_text(WAN_DHCPD_CONF.format(bridge=WAN_BRIDGE, address=WAN_GATEWAY, leases=leases,
+                                          pidfile=paths.wan_dhcpd_pid))
+    ns.exec(["busybox", "udhcpd", "-S", str(conf)])  # it daemonises; fleet down stops it by its pidfile
 
 
 @dataclass
@@ -136,11 +161,11 @@ class SiteBoot:
         rec = self.record.node(node.name)
         image = rec.image.resolve(self.out)
         manifest = image_info(image)
-        nics = node_nics(manifest["interfaces"], node, wan_probe=node.name == self.site.gateway)
+        nics = node_nics(manifest["interfaces"], node, gateway=node.name == self.site.gateway)
         for nic in nics:
             if nic.kind == "tap":
                 subprocess.run(["ip", "-n", self.lan.name, "link", "del", nic.ifname], capture_output=True)
-                self.lan.add_tap(nic.ifname)
+                self.lan.add_tap(nic.ifname, WAN_BRIDGE if nic.ifname.startswith("w-") else None)
         workdir = self.paths.run / f"{node.name}.vm"
         workdir.mkdir(exist_ok=True)
         if rec.netboot:
@@ -232,12 +257,16 @@ class SiteBoot:
 # --------------------------------------------------------------------------- a node's VM
 
 
-def node_nics(interfaces: list[str], node: SiteNode, *, wan_probe: bool = False) -> list[Nic]:
-    """The node's NICs in its role's order: the LAN on the bridge (site MAC), anything else user-net."""
-    tap = f"t-{node.name}"[:15]
-    fwd = tuple(f"tcp:127.0.0.1:{wan_probe_port(p)}-:{p}" for p in WAN_PROBE_PORTS) if wan_probe else ()
-    return [Nic("tap", ifname=tap, mac=node.mac) if name == "lan" else Nic("user", hostfwd=fwd)
-            for name in interfaces]
+def node_nics(interfaces: list[str], node: SiteNode, *, gateway: bool = False) -> list[Nic]:
+    """The node's NICs in its role's order: the LAN on the site's bridge (site MAC); the gateway's
+    WAN on the WAN side's bridge; anything else user-net (restricted: no way out)."""
+    def nic(name: str) -> Nic:
+        if name == "lan":
+            return Nic("tap", ifname=f"t-{node.name}"[:15], mac=node.mac)
+        if gateway and name == "wan":
+            return Nic("tap", ifname=f"w-{node.name}"[:15], mac=wan_mac(node))
+        return Nic("user")
+    return [nic(name) for name in interfaces]
 
 
 def data_disks(paths: FleetPaths, node: SiteNode, manifest: dict) -> tuple[tuple[Path, str], ...]:

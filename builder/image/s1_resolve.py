@@ -147,6 +147,10 @@ def _check_profile(p: Profile, v: Validator, repo: Repo) -> None:
                    f"zone '{port.zone}' is not one of the role's interfaces {sorted(zones)}")
         if not 0 < port.port < 65536:
             v.fail(("firewall", "ports", i, "port"), f"expected a port 1-65535, got {port.port}")
+    for i, proto in enumerate(p.firewall.protocols):
+        if proto.zone not in zones:
+            v.fail(("firewall", "protocols", i, "zone"),
+                   f"zone '{proto.zone}' is not one of the role's interfaces {sorted(zones)}")
     for i, fw in enumerate(p.firewall.forward):
         for key, zone in (("from", fw.src), ("to", fw.to)):
             if zone not in zones:

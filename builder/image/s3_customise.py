@@ -91,7 +91,8 @@ def template_context(cfg: BuildConfig, identity: dict[str, str]) -> dict[str, An
         "module_blacklist": p.effective_module_blacklist(),
         "vars": p.vars,
         "identity": identity,
-        "ports_by_zone": _ports_by_zone(p.firewall.ports),
+        "ports_by_zone": _ports_by_zone(p.firewall.open_to("any")),
+        "site_ports_by_zone": _ports_by_zone(p.firewall.open_to("site")),
         "ssh_zone": _ssh_zone(cfg) if cfg.target.kind == "node" else None,
     }
 

@@ -51,6 +51,19 @@ class Port:
     proto: Literal["tcp", "udp"]
     port: int
     service: str
+    # any: every address of the zone. site: the site's own nodes only (their addresses from the
+    # seed), never a DHCP lease or a VPN client: a cluster's internal ports.
+    peers: Literal["any", "site"] = "any"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An IP protocol without ports the role takes from the site's nodes only (e.g. the ESP of
+    encrypted overlay networks)."""
+
+    zone: str
+    proto: Literal["esp"]
+    service: str
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,10 @@ class Firewall:
     clients: tuple[Port, ...] = ()
     forward: tuple[Forward, ...] = ()
     masquerade: tuple[str, ...] = ()
+    protocols: tuple[Protocol, ...] = ()
+
+    def open_to(self, peers: str) -> tuple[Port, ...]:
+        return tuple(p for p in self.ports if p.peers == peers)
 
 
 @dataclass(frozen=True)

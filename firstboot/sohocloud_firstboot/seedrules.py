@@ -27,6 +27,8 @@ LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A DNS name of such labels, dotted (an IPv4 address matches too: the site's time servers may be either).
 DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 # A network-config ethernets key ends up in a file name: keep it boring.
+# A WireGuard key in its base64 form (32 bytes: the last character carries 4 bits, then "=").
+WG_KEY_RE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 IFACE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 SSH_KEY_TYPES = frozenset({

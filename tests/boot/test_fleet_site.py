@@ -23,6 +23,7 @@ import pytest
 
 from builder.errors import SohoError
 from builder.fleet.checks import CHECKS, FleetProbe, check_netboot, check_units
+from builder.fleet.leaks import site_needles
 from builder.fleet.record import load_built
 from builder.fleet.running import FleetPaths, fleet_ssh_argv
 from builder.fleet.up import console_says_settled
@@ -95,8 +96,8 @@ def console(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def office(tmp_path_factory, test_key):
-    """sites/example.yaml with the test's admin key, built and booted."""
+def built(tmp_path_factory, test_key):
+    """sites/example.yaml with the test's admin key, built (secrets, images, seeds)."""
     if os.geteuid() != 0:
         pytest.skip("fleet tests need root")
     d = tmp_path_factory.mktemp("office")
@@ -115,10 +116,17 @@ def office(tmp_path_factory, test_key):
     site_file = d / f"{SITE}.yaml"
     site_file.write_text(text)
     secrets = d / "secrets"
-    built = cli("fleet", "build", str(site_file), "-o", str(OUT), "--secrets", str(secrets))
-    assert built.returncode == 0, built.stderr[-3000:]
+    r = cli("fleet", "build", str(site_file), "-o", str(OUT), "--secrets", str(secrets))
+    assert r.returncode == 0, r.stderr[-3000:]
     site = load_built(OUT, REPO, str(site_file))[0].site  # the site as `fleet build` recorded it
     _OFFICE.update(site=site, key=str(test_key))
+    return {"site": site, "file": site_file, "secrets": secrets, "logs": [r.stdout, r.stderr]}
+
+
+@pytest.fixture(scope="module")
+def office(built, test_key):
+    """The built office, booted: every node but the manager and storage first."""
+    site, site_file, secrets = built["site"], built["file"], built["secrets"]
     cli("fleet", "down", str(site_file), "-o", str(OUT))
     for disk in (OUT / SITE / "run").glob("*.qcow2"):
         disk.unlink()  # a fresh office every run: blank data disks, first boots
@@ -133,7 +141,7 @@ def office(tmp_path_factory, test_key):
     yield {"site": site, "file": site_file, "probe": probe, "manager": manager, "later": later,
            "secrets": secrets,
            # What sohocloud printed: the secrets test looks for leaks in it.
-           "logs": [built.stdout, built.stderr, r.stdout, r.stderr]}
+           "logs": [*built["logs"], r.stdout, r.stderr]}
     if os.environ.get("SOHOCLOUD_KEEP_FLEET") != "1":  # (set: the office stays up to look at after a failure)
         cli("fleet", "down", str(site_file), "-o", str(OUT))
 
@@ -156,6 +164,23 @@ def joined(office):
     office["logs"] += [r.stdout, r.stderr]
     CHECKS["cluster"](probe)
     return office
+
+
+def test_no_site_secret_inside_any_artefact(built):
+    """`fleet scan`, before anything boots: every image the site's nodes boot and use (the qcow2
+    disks whole, the NAS's card whole, the PXE set's squashfs unpacked and its initrd, the desktop
+    template unpacked) holds none of the site's secrets: CA and node keys, WireGuard keys (the
+    router's and the VPN peer's), tokens, passwords, TOTP secrets."""
+    secrets = built["secrets"] / SITE
+    assert (secrets / "wireguard" / "peers").is_dir() and list(secrets.glob("nodes/*.key"))  # a full set to look for
+    t0 = time.monotonic()
+    r = cli("fleet", "scan", str(built["file"]), "-o", str(OUT), "--secrets", str(built["secrets"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    searched = int(re.search(r"(\d+) artefact\(s\) searched", r.stdout).group(1))
+    kinds = {a.image.path.split(".", 1)[-1] if "." in a.image.path else "pxe"
+             for a in load_built(OUT, REPO, str(built["file"]))[0].nodes}
+    assert searched >= 5 and {"qcow2", "img.xz", "pxe"} <= kinds, (searched, kinds)
+    print(f"fleet scan: {searched} artefacts in {time.monotonic() - t0:.0f} s")
 
 
 def test_worker_booted_before_manager_joined_later(joined):
@@ -202,10 +227,10 @@ def test_a_pcs_screen_shows_the_sign_in_panel(joined):
             assert state == "inactive", f"{n.name} has no screen, yet its kiosk is {state}"
 
 
-def test_secrets_stay_out_of_images_manifests_and_logs(joined):
+def test_secrets_stay_out_of_manifests_and_logs(joined):
     secrets = joined["secrets"]
-    files = {p.read_text().strip(): p for p in secrets.rglob("*") if p.is_file() and p.suffix in (".secret", ".password")}
-    assert files, "fleet build made no secrets"
+    needles = site_needles(secrets / SITE)
+    assert len({n.name.split(" ")[0] for n in needles}) >= 10, "fleet build made too few secrets"
     for p in secrets.rglob("*"):
         assert (p.stat().st_mode & 0o077) == 0, f"{p} is readable by others"
     # Where a secret could leak in plain sight: manifests, the site record, sohocloud's own output,
@@ -213,7 +238,7 @@ def test_secrets_stay_out_of_images_manifests_and_logs(joined):
     sources = ({str(m): m.read_text() for m in [*OUT.glob("*.manifest.json"), *(OUT / SITE).glob("**/site.json")]}
                | {f"sohocloud's output #{i}": t for i, t in enumerate(joined["logs"])}
                | {str(c): c.read_text(errors="replace") for c in (OUT / SITE / "run").glob("*.console.log")})
-    leaks = [f"{p.relative_to(secrets)} shows in {where}" for v, p in files.items() for where, t in sources.items() if v in t]
+    leaks = [f"{n.name} shows in {where}" for n in needles for where, t in sources.items() if n.value.decode() in t]
     assert not leaks, "\n".join(leaks)
 
 
@@ -224,11 +249,8 @@ def test_a_cards_boot_partition_holds_no_key_material_after_first_boot(joined, t
     probe, secrets = joined["probe"], joined["secrets"] / SITE
     cards = [n for n in joined["site"].nodes if n.target in ("rpi4", "rock64")]
     assert cards, "the example site has a card node (the NAS)"
-    needles = {p.relative_to(secrets): p.read_text().strip().encode() for p in secrets.rglob("*")
-               if p.is_file() and p.suffix in (".secret", ".password")}
+    needles = {n.name: n.value for n in site_needles(secrets)}  # every secret; a PEM key by each line
     for node in cards:
-        key = (secrets / "nodes" / f"{node.name}.key").read_text().splitlines()
-        needles[f"{node.name}.key"] = key[len(key) // 2].encode()  # a line from the middle of the PEM
         boot = next(p for p in probe.manifest(node)["partitions"] if p["type"] == "boot")
         raw = tmp_path / f"{node.name}.raw"
         run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(OUT / SITE / "run" / f"{node.name}.qcow2"),

@@ -191,6 +191,47 @@ def test_nftables_ruleset_parses(rendered: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.fixture(scope="module")
+def control_nft(tmp_path_factory) -> str:
+    """The control role's rendered nftables.conf (the hardened overlay's template)."""
+    if not IS_ROOT:
+        pytest.skip("render_overlay chowns to root: needs root")
+    control = resolve(Repo(REPO_ROOT), "control")
+    dest = tmp_path_factory.mktemp("control-tree")
+    render_overlay(REPO_ROOT / "overlays/hardened", dest, template_context(control, identity(KEY)))
+    return (dest / "etc/nftables.conf").read_text()
+
+
+def test_cluster_ports_answer_the_sites_nodes_only(control_nft: str) -> None:
+    """Swarm's ports (peers: site) need a source in site_hosts; ESP too; the rest of the LAN ports
+    answer the zone."""
+    lines = _rule_lines(control_nft[control_nft.index("chain input {"):control_nft.index("chain forward {")])
+    assert 'iifname "lan" ip saddr @site_hosts tcp dport { 7946, 2377 } accept' in lines
+    assert 'iifname "lan" ip saddr @site_hosts udp dport { 7946, 4789 } accept' in lines
+    assert 'iifname "lan" ip saddr @site_hosts meta l4proto esp accept' in lines
+    assert 'ip saddr @site_hosts iifname . meta l4proto . th dport @site_ports accept' in lines
+    open_rule = next(line for line in lines if line.startswith('iifname "lan" tcp dport {'))
+    assert "636" in open_rule and "2377" not in open_rule and "7946" not in open_rule
+
+
+def test_ruleset_with_the_seeds_elements_parses(control_nft: str, tmp_path: Path) -> None:
+    """What firstboot hooks add (site hosts, k3s's site ports, VPN forwarding) loads with the ruleset."""
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if not nft:
+        pytest.skip("nft not installed")
+    conf = tmp_path / "nftables.conf"
+    conf.write_text(control_nft.replace('include "/etc/nftables.d/*.nft"', "\n".join([
+        "add element inet filter site_hosts { 10.44.0.1, 10.44.0.2 }",
+        'add element inet filter site_ports { "lan" . tcp . 6443 }',
+        'add element inet filter seed_ports { "wg0" . udp . 53 }',
+        'add element inet filter seed_forward { "wg0" . "lan" . 10.44.0.3 . tcp . 445, '
+        '"wg0" . "lan" . 10.44.0.2 . udp . 0-65535 }'])))
+    proc = subprocess.run([nft, "-c", "-f", str(conf)], capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0 and ("Operation not permitted" in proc.stderr or "permission" in proc.stderr.lower()):
+        pytest.skip(f"nft -c not permitted here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+
+
 def _sysctl_file(rendered: Path) -> Path:
     files = sorted((rendered / "etc/sysctl.d").glob("*sohocloud*.conf"))
     assert len(files) == 1, files

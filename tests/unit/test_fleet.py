@@ -206,3 +206,17 @@ def test_wait_settled_names_the_late_node_with_its_consoles_failures(site, tmp_p
     assert msg.startswith(f"fleet {site.name}: {late} did not finish first boot within 0 s")
     assert "[FAILED] Failed to start sssd.service" in msg and "70-cluster: not yet" in msg
     assert msg.count("the end of its console") == 1  # only the late node's
+
+
+def test_the_gateways_wan_is_a_tap_on_the_wan_side_and_nothing_is_user_net(site):
+    """`fleet up`: the LAN NIC on the site bridge (site MAC), the gateway's WAN on the WAN side's
+    bridge (its own MAC), so a VPN peer there reaches its UDP port; no NIC of a site node is user-net."""
+    from builder.fleet.up import node_nics
+    from builder.fleet.running import wan_mac
+    gw = site.node("gw")
+    wan, lan = node_nics(["wan", "lan"], gw, gateway=True)
+    assert (lan.kind, lan.ifname, lan.mac) == ("tap", "t-gw", gw.mac)
+    assert (wan.kind, wan.ifname, wan.mac) == ("tap", "w-gw", wan_mac(gw)) and wan_mac(gw) != gw.mac
+    assert wan_mac(gw).startswith("52:54:01:") and wan_mac(gw)[9:] == gw.mac[9:]
+    (only,) = node_nics(["lan"], site.node("ws1"))
+    assert only.kind == "tap" and only.mac == site.node("ws1").mac

@@ -333,3 +333,26 @@ def test_router_seed_flags_the_netboot_nodes(site, profiles, secrets):
     hosts = node_settings(site, node, secrets, ctx, frozenset({"pc1", "pc2"}))["router"]["hosts"]
     assert {h["name"] for h in hosts if h.get("netboot")} == {"pc1", "pc2"}
     assert {h["name"]: h["address"] for h in hosts}["pc1"] == "10.44.0.21"
+
+
+def test_vpn_only_in_the_routers_seed_and_each_peer_gets_its_config(site, blocks, secrets):
+    """The router's seed carries its WireGuard key, the peers' public keys and what they reach; no
+    other node's seed has any of it. The peer sohocloud made a key for gets a 0600 wg-quick config
+    whose key is the one the router admits, routing only what it may reach."""
+    from builder.fleet.secrets import wireguard_public
+    from builder.fleet.vpn import write_client_configs
+    wg = blocks["gw"]["wireguard"]
+    assert wg["address"] == "10.45.0.1/24" and wg["listen_port"] == 51820 and wg["zone"] == "wan"
+    assert wg["reach"] == [{"address": "10.44.0.1", "proto": "udp", "ports": "53"},
+                           {"address": "10.44.0.3", "proto": "tcp", "ports": "445"}]
+    for name, block in blocks.items():
+        if name != "gw":
+            assert "wireguard" not in block and wg["private_key"] not in json.dumps(block)
+    write_client_configs(site, secrets)
+    conf = secrets.root / "vpn" / "laptop.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    lines = dict(line.split(" = ", 1) for line in conf.read_text().splitlines() if " = " in line)
+    assert wg["peers"] == [{"public_key": wireguard_public(lines["PrivateKey"]), "allowed_ips": ["10.45.0.2/32"]}]
+    assert lines["PublicKey"] == wireguard_public(wg["private_key"])
+    assert lines["AllowedIPs"] == "10.44.0.1/32, 10.44.0.3/32" and lines["Address"] == "10.45.0.2/32"
+    assert lines["DNS"] == f"10.44.0.1, {site.domain}" and lines["Endpoint"].endswith(":51820")

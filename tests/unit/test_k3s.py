@@ -95,7 +95,7 @@ def test_k3s_server_config_is_private_and_complete(tmp_path: Path) -> None:
     data = json.loads(conf.read_text())  # JSON is YAML
     assert data == {"node-ip": "10.44.0.2", "node-label": ["sohocloud.role=control"], "write-kubeconfig-mode": "0600",
                     "token": MANAGER["k3s_token"], "agent-token": MANAGER["k3s_agent_token"],
-                    "tls-san": ["control.k.lan"]}
+                    "tls-san": ["control.k.lan"], "flannel-backend": "wireguard-native"}
     agent = tmp_path / "etc/sohocloud/k3s-agent-token"
     assert agent.read_text() == MANAGER["k3s_agent_token"] + "\n" and stat.S_IMODE(agent.stat().st_mode) == 0o600
     assert MANAGER["k3s_token"] not in r.stderr + r.stdout
@@ -107,13 +107,16 @@ def test_k3s_bad_token_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "etc/rancher/k3s/config.yaml").exists()
 
 
-@pytest.mark.parametrize("role, ports", [("manager", ["tcp . 6443", "tcp . 10250", "udp . 8472"]),
-                                         ("worker", ["tcp . 10250", "udp . 8472"])])
-def test_k3s_ports_opened_before_nftables(tmp_path: Path, role: str, ports: list[str]) -> None:
+@pytest.mark.parametrize("role, ports", [("manager", ["tcp . 6443", "tcp . 10250", "udp . 51820"]),
+                                         ("worker", ["tcp . 10250", "udp . 51820"])])
+def test_k3s_ports_opened_to_the_sites_nodes_only_before_nftables(tmp_path: Path, role: str, ports: list[str]) -> None:
+    """The API, the kubelet and flannel's WireGuard go into site_ports (sources: site_hosts only)."""
     r = run_hook(tmp_path, HOOKS / "firstboot.d/25-cluster-ports", {"cluster": dict(MANAGER, role=role)})
     assert r.returncode == 0, r.stderr
     nft = (tmp_path / "etc/nftables.d/40-cluster.nft").read_text()
-    assert [line.split('"lan" . ')[1].rstrip(" }") for line in nft.splitlines() if "add element" in line] == ports
+    elements = [line for line in nft.splitlines() if "add element" in line]
+    assert all(line.startswith("add element inet filter site_ports ") for line in elements), nft
+    assert [line.split('"lan" . ')[1].rstrip(" }") for line in elements] == ports
 
 
 def test_swarm_opens_nothing_extra(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ STORAGE = OVERLAYS / "storage/usr/lib/sohocloud/firstboot.d/40-storage"
 # Accounts the hooks chown to (they look them up in the fake root's files).
 PASSWD = "root:x:0:0:root:/root:/bin/bash\nopenldap:x:101:104::/var/lib/ldap:/bin/false\n" \
          "git:x:102:105::/srv/git:/usr/bin/git-shell\nsyncthing:x:103:106::/var/lib/syncthing:/usr/sbin/nologin\n"
-GROUP = "root:x:0:\nopenldap:x:104:\ngit:x:105:\nsyncthing:x:106:\n"
+GROUP = "root:x:0:\nopenldap:x:104:\ngit:x:105:\nsyncthing:x:106:\nsystemd-network:x:107:\n"
 ADDRESSES = {"gw": "10.44.0.1", "control": "10.44.0.2", "nas": "10.44.0.3", "ws1": "10.44.0.10"}
 
 
@@ -462,3 +462,42 @@ def test_router_hook_writes_its_files_atomically_with_their_modes(tmp_path, seed
     assert (root / "etc/dnsmasq.d/50-lan-range.conf").is_file()
     assert mode(root / "etc/dnsmasq.d/60-site-hosts.conf") == 0o644
     assert not list(root.rglob("*.tmp")) and not list(root.rglob(".*.tmp"))  # nothing half-written left
+
+
+def test_router_lets_vpn_clients_reach_what_the_site_names_and_nothing_else(tmp_path, seed):
+    """sites/example.yaml's vpn: the router's DNS and the NAS's SMB. The firewall file opens the
+    WireGuard port on the WAN, the router's DNS on wg0, forwarding to nas:445 only; dnsmasq
+    answers on wg0. The private key stays in the 0640 netdev (group systemd-network)."""
+    root = make_root(tmp_path, "gw")
+    block = seed("gw")
+    ok(run_hook(ROUTER, root, block))
+    nft = [line for line in (root / "etc/nftables.d/50-wireguard.nft").read_text().splitlines()
+           if not line.startswith("#")]
+    assert nft == ['add element inet filter seed_ports { "wan" . udp . 51820 }',
+                   'add element inet filter seed_ports { "wg0" . udp . 53 }',
+                   'add element inet filter seed_forward { "wg0" . "lan" . 10.44.0.3 . tcp . 445 }']
+    assert mode(root / "etc/nftables.d/50-wireguard.nft") == 0o600
+    assert (root / "etc/dnsmasq.d/55-vpn.conf").read_text().splitlines()[1:] == ["interface=wg0",
+                                                                                 "no-dhcp-interface=wg0"]
+    netdev = root / "etc/systemd/network/30-wg0.netdev"
+    assert block["wireguard"]["private_key"] in netdev.read_text() and mode(netdev) == 0o640
+    assert "Address=10.45.0.1/24" in (root / "etc/systemd/network/30-wg0.network").read_text()
+    # Without a vpn in the seed (the site dropped it) every piece goes.
+    del block["wireguard"]
+    ok(run_hook(ROUTER, root, block))
+    assert not [p for p in ("etc/nftables.d/50-wireguard.nft", "etc/dnsmasq.d/55-vpn.conf",
+                            "etc/systemd/network/30-wg0.netdev") if (root / p).exists()]
+
+
+@pytest.mark.parametrize("entry, why", [({"address": "192.168.1.5", "proto": "tcp", "ports": "22"}, "not on the LAN"),
+                                        ({"address": "10.44.0.1", "proto": "tcp", "ports": "1-1000"}, "one by one"),
+                                        ({"address": "10.44.0.3", "proto": "icmp", "ports": "1"}, "proto"),
+                                        ({"address": "10.44.0.3", "proto": "tcp", "ports": "22 } ; flush"}, "ports")])
+def test_router_refuses_a_vpn_reach_beyond_the_lan_or_malformed(tmp_path, seed, entry, why):
+    root = make_root(tmp_path, "gw")
+    block = seed("gw")
+    block["wireguard"]["reach"] = [entry]
+    p = run_hook(ROUTER, root, block)
+    assert p.returncode != 0 and why in p.stderr and block["wireguard"]["private_key"] not in p.stderr
+    assert not (root / "etc/nftables.d/50-wireguard.nft").exists()
+    assert not (root / "etc/systemd/network/30-wg0.netdev").exists()  # nothing of it half-written

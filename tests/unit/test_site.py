@@ -119,3 +119,42 @@ def test_k3s_needs_its_air_gap_files(tmp_path):
 def test_missing_site_file(tmp_path):
     with pytest.raises(ConfigError, match="no such site file"):
         load_site(tmp_path / "nope.yaml", known_roles=ROLES, gateway_roles=GATEWAYS)
+
+
+VPN = """\
+vpn:
+  network: 10.45.0.0/24
+  reach:
+    - {node: gw, port: 53, proto: udp}
+    - {node: nas, port: 445}
+    - {node: ctl}
+  peers:
+    - {name: laptop, address: 10.45.0.2}
+    - {name: phone, address: 10.45.0.3, public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="}
+"""
+
+
+def test_vpn_reach_and_peers(tmp_path):
+    site = load_site(write(tmp_path, GOOD + VPN), known_roles=ROLES, gateway_roles=GATEWAYS)
+    assert site.vpn.gateway_address == "10.45.0.1" and site.vpn.port == 51820
+    assert [(r.node, r.port, r.proto) for r in site.vpn.reach] == [("gw", 53, "udp"), ("nas", 445, "tcp"),
+                                                                  ("ctl", None, "tcp")]
+    assert site.vpn.peers[0].public_key is None  # sohocloud makes its key pair
+    assert load_site(write(tmp_path, GOOD), known_roles=ROLES, gateway_roles=GATEWAYS).vpn is None
+
+
+@pytest.mark.parametrize("old,new,expect", [
+    ("network: 10.45.0.0/24", "network: 10.44.0.0/25", r"vpn\.network: expected a network apart from the LAN"),
+    ("{node: nas, port: 445}", "{node: nas2, port: 445}", r"vpn\.reach\[1\]\.node: unknown node 'nas2'"),
+    ("{node: gw, port: 53, proto: udp}", "{node: gw}", r"vpn\.reach\[0\]\.port: the router gw itself: name each port"),
+    ("{node: nas, port: 445}", "{node: nas, port: 70000}", r"vpn\.reach\[1\]\.port: expected a port 1-65535"),
+    ("address: 10.45.0.3", "address: 10.45.0.2", r"vpn\.peers\[1\]\.address: duplicate address"),
+    ("address: 10.45.0.2", "address: 10.45.0.1", r"other than the router's 10\.45\.0\.1"),
+    ('public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="', 'public_key: "not-a-key"',
+     r"vpn\.peers\[1\]\.public_key: expected a WireGuard public key"),
+])
+def test_vpn_errors_name_the_key(tmp_path, old, new, expect):
+    assert old in VPN
+    msg = error_of(tmp_path, GOOD + VPN.replace(old, new, 1))
+    assert re.search(expect, msg), msg
+    assert "site.yaml:" in msg

@@ -171,3 +171,53 @@ def test_sssd_that_keeps_finding_nobody_is_restarted(hook, monkeypatch: pytest.M
     acts = [c[1:] for c in calls if c[1] != "is-active"]
     assert acts == [["kill", "-s", "USR2", "sssd.service"]] * (hook.h.SSSD_RESTART_EVERY - 1) + \
         [["restart", "--no-block", "sssd.service"]]
+
+
+class FakeNetworks:
+    """The Engine's networks and services, for the manager's ingress replacement."""
+
+    def __init__(self, encrypted: bool, services: int = 0, delete_lags: bool = False) -> None:
+        self.nets = [{"Id": "i0", "Name": "ingress", "Driver": "overlay", "Ingress": True,
+                      "Options": {"encrypted": ""} if encrypted else {"com.docker.network.driver.overlay.vxlanid_list": "4096"}},
+                     {"Id": "b0", "Name": "bridge", "Driver": "bridge", "Ingress": False, "Options": {}}]
+        self.services, self.delete_lags, self.calls = services, delete_lags, []
+
+    def docker(self, method: str, url: str, body=None, sock: str = "") -> tuple[int, object]:
+        self.calls.append(f"{method} {url}")
+        if (method, url) == ("GET", "/networks"):
+            return 200, self.nets
+        if (method, url) == ("GET", "/services"):
+            return 200, [{"ID": f"s{i}"} for i in range(self.services)]
+        if method == "DELETE" and url.startswith("/networks/"):
+            if not self.delete_lags:
+                self.nets = [n for n in self.nets if n["Id"] != url.rsplit("/", 1)[1]]
+            return 204, None
+        if (method, url) == ("POST", "/networks/create"):
+            if any(n["Ingress"] for n in self.nets):
+                return 409, {"message": "ingress network already present"}
+            self.nets.append({"Id": "i1", "Name": body["Name"], "Driver": body["Driver"], "Ingress": body["Ingress"],
+                              "Options": body["Options"]})
+            return 201, {"Id": "i1"}
+        raise AssertionError(f"{method} {url}")
+
+
+def test_the_swarms_ingress_becomes_encrypted_once(hook, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeNetworks(encrypted=False)
+    monkeypatch.setattr(hook.h, "docker", engine.docker)
+    hook.encrypt_ingress()
+    ingress = [n for n in engine.nets if n["Ingress"]]
+    assert len(ingress) == 1 and "encrypted" in ingress[0]["Options"] and ingress[0]["Driver"] == "overlay"
+    engine.calls.clear()
+    hook.encrypt_ingress()  # the next run of the hook: nothing to do
+    assert engine.calls == ["GET /networks"]
+
+
+def test_an_ingress_services_use_is_left_alone_and_a_slow_removal_is_retried(hook, monkeypatch) -> None:
+    busy = FakeNetworks(encrypted=False, services=1)
+    monkeypatch.setattr(hook.h, "docker", busy.docker)
+    hook.encrypt_ingress()
+    assert not [c for c in busy.calls if c.startswith(("DELETE", "POST"))]
+    slow = FakeNetworks(encrypted=False, delete_lags=True)
+    monkeypatch.setattr(hook.h, "docker", slow.docker)
+    with pytest.raises(SystemExit, match="not created yet"):  # the online hook's next round tries again
+        hook.encrypt_ingress()
