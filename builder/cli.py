@@ -14,6 +14,7 @@ from .errors import SohoError
 from .fleet.build import fleet_build
 from .fleet.checks import CHECKS, FleetProbe, run_checks
 from .fleet.leaks import find_secrets, site_artefacts, site_needles
+from .fleet.renew import fleet_renew
 from .fleet.record import load_built, site_name_of
 from .fleet.running import FleetPaths, booted_record, check_root, fleet_down, fleet_ssh_argv
 from .fleet.sitefile import NAME_RE
@@ -97,6 +98,14 @@ def cmd_fleet_scan(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
+def cmd_fleet_renew(args: argparse.Namespace) -> int:
+    name, _file = site_name_of(Repo.default().root, args.site)
+    probe = FleetProbe.open(name, Path(args.output), Path(args.secrets) / name, args.identity)
+    for node, what in fleet_renew(probe, tuple(args.only)).items():
+        print(f"{node}\t{what}")
+    return 0
+
+
 def cmd_fleet_down(args: argparse.Namespace) -> int:
     name, _file = site_name_of(Repo.default().root, args.site)
     check_root()
@@ -150,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     add_fleet_up(fsub)
     add_fleet_test(fsub)
     add_fleet_scan(fsub)
+    add_fleet_renew(fsub)
     add_fleet_ssh(fsub)
     add_fleet_sessions(fsub)
     add_fleet_down(fsub)
@@ -235,6 +245,16 @@ def add_fleet_scan(fsub) -> None:
     add_output(s)
     add_secrets(s)
     s.set_defaults(func=cmd_fleet_scan)
+
+
+def add_fleet_renew(fsub) -> None:
+    s = fsub.add_parser("renew", help="install the certificates `fleet build` renewed on the running nodes")
+    s.add_argument("site")
+    add_output(s)
+    add_secrets(s)
+    s.add_argument("-i", "--identity", required=True, help="the admin's private key")
+    s.add_argument("--only", action="append", default=[], metavar="NODE", help="only this node (repeatable)")
+    s.set_defaults(func=cmd_fleet_renew)
 
 
 def add_fleet_sessions(fsub) -> None:

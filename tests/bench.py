@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests/boot"))  # the fleet tests' seat and site helpers
 
 from builder.fleet.checks import CHECKS, FleetProbe  # noqa: E402
-from vm_site import VM_RESERVE, VM_STANDARD, fit_desktops_to_vms  # noqa: E402
+from vm_site import VM_RESERVE, VM_STANDARD, example_for_vms  # noqa: E402
 from builder.fleet.netlab import Netns, unique_name  # noqa: E402
 from builder.image.cache import StageCache, extract_tar  # noqa: E402
 from builder.image.pipeline import build  # noqa: E402
@@ -167,10 +167,7 @@ def site_bench(work: Path, key_pub: str, rounds: int, desktops_only: bool = Fals
     """The example site: fleet build cold (every stage) and warm, then boot-to-all-joined, the
     desktops, the diskless PCs' power-on to joined. *desktops_only*: a warm build, the desktops."""
     site_file = work / "benchsite.yaml"
-    text = (REPO / "sites/example.yaml").read_text()
-    text = re.sub(r"(?m)^site: example$", "site: benchsite", text)
-    text = fit_desktops_to_vms(text)  # the example's standard desktop (2G) does not fit a 1 GiB VM
-    site_file.write_text(re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {key_pub}", text))
+    site_file.write_text(example_for_vms(REPO, "benchsite", key_pub))
     out, secrets = work / "site-out", work / "site-secrets"
     cli = [sys.executable, "-m", "builder.cli", "fleet"]
     r: dict[str, float] = {}

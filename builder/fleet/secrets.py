@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import logging
 import io
 import ipaddress as _ip
 import os
@@ -24,6 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import SohoError
 from .sitefile import Site, SiteNode
+
+log = logging.getLogger("sohocloud.fleet")
 
 
 def wireguard_keypair() -> tuple[str, str]:
@@ -94,7 +97,7 @@ def make_ca(common_name: str) -> tuple[bytes, bytes]:
 
 
 def issue_cert(ca_key_pem: bytes, ca_cert_pem: bytes, common_name: str, *, dns: list[str],
-               ips: list[str]) -> tuple[bytes, bytes]:
+               ips: list[str], days: int = CERT_DAYS) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) for a node: server and client auth, SANs for its names and addresses."""
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
@@ -106,7 +109,7 @@ def issue_cert(ca_key_pem: bytes, ca_cert_pem: bytes, common_name: str, *, dns: 
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
-            .not_valid_after(now + _dt.timedelta(days=CERT_DAYS))
+            .not_valid_after(min(now + _dt.timedelta(days=days), not_after(ca_cert)))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
@@ -150,20 +153,25 @@ class SiteSecrets:
         return key_path.read_bytes(), cert_path.read_bytes()
 
     def node_tls(self, site: Site, node: SiteNode) -> tuple[bytes, bytes]:
-        """The node's key and certificate (server + client auth) from the site CA."""
+        """The node's key and certificate (server + client auth) from the site CA: issued once, and
+        again when it names other names, comes from another CA or ends within the site's
+        `certificates.renew_before_days` (the node keeps its instance-id: `fleet renew` installs it)."""
         d = self.root / "nodes"
         key_path, cert_path = d / f"{node.name}.key", d / f"{node.name}.crt"
         dns, ips = [node.name, f"{node.name}.{site.domain}"], [node.address]
-        if not (key_path.is_file() and cert_path.is_file()) or not cert_fits(cert_path.read_bytes(), self.ca()[1],
-                                                                             dns, ips):
+        policy = site.certificates
+        if not (key_path.is_file() and cert_path.is_file()) or not cert_fits(
+                cert_path.read_bytes(), self.ca()[1], dns, ips, margin_days=policy.renew_before_days):
             # A lone key or certificate is useless, and one from another CA, for other
             # names or about to expire is wrong: issue a fresh pair.
-            key_path.unlink(missing_ok=True)
-            cert_path.unlink(missing_ok=True)
+            renewing = cert_path.is_file()
             ca_key, ca_cert = self.ca()
-            key, cert = issue_cert(ca_key, ca_cert, node.name, dns=dns, ips=ips)
-            ensure_secret(key_path, lambda: key)
-            ensure_secret(cert_path, lambda: cert)
+            key, cert = issue_cert(ca_key, ca_cert, node.name, dns=dns, ips=ips, days=policy.valid_days)
+            write_secret(key_path, key)  # each whole, by rename: a crash leaves the old pair or the new key
+            write_secret(cert_path, cert)  # with the old certificate, which the next run replaces
+            if renewing:
+                log.info("site %s: %s's certificate renewed, valid until %s (`sohocloud fleet renew` installs it "
+                         "on the running node)", site.name, node.name, cert_expiry(cert).date())
         return key_path.read_bytes(), cert_path.read_bytes()
 
     def wireguard(self, node: SiteNode) -> tuple[str, str]:
@@ -230,6 +238,14 @@ class TotpFiles:
     qr: Path  # <name>.totp.png: the same URI as a QR code (to scan)
 
 
+def cert_expiry(cert_pem: bytes) -> _dt.datetime:
+    return not_after(x509.load_pem_x509_certificate(cert_pem))
+
+
+def not_after(cert: x509.Certificate) -> _dt.datetime:
+    return getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=_dt.UTC)
+
+
 def cert_fits(cert_pem: bytes, ca_pem: bytes, dns: list[str], ips: list[str], margin_days: int = 30) -> bool:
     """The node certificate is signed by this CA, names exactly these DNS names and IPs, and is not about to expire."""
     cert, ca = x509.load_pem_x509_certificate(cert_pem), x509.load_pem_x509_certificate(ca_pem)
@@ -241,5 +257,5 @@ def cert_fits(cert_pem: bytes, ca_pem: bytes, dns: list[str], ips: list[str], ma
     names_ok = (sorted(san.get_values_for_type(x509.DNSName)) == sorted(dns)
                 and sorted(map(str, san.get_values_for_type(x509.IPAddress))) == sorted(str(_ip.ip_address(i))
                                                                                         for i in ips))
-    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=_dt.UTC)
+    expires = not_after(cert)
     return names_ok and expires - _dt.datetime.now(_dt.UTC) > _dt.timedelta(days=margin_days)

@@ -7,6 +7,7 @@ A seed is the only way a secret reaches a node (0600 on the host; nothing secret
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -129,6 +130,7 @@ def _nas_server(c: SeedContext) -> dict[str, Any]:
         "clients": [n.address for n in c.site.nodes if c.profiles[n.role].consumes("nas")],
         "shared_group": {"name": c.site.groups[0].name, "gid": c.site.groups[0].gid},
         "backup_password": c.secrets.secret("restic"),
+        "retention": dataclasses.asdict(c.site.backups),
         "users": [{"name": u.name, "uid": u.uid, "smb_password": c.secrets.user_password(u.name)}
                   for u in c.site.users]}}
 
@@ -280,9 +282,11 @@ def write_node_seed(site: Site, node: SiteNode, secrets: SiteSecrets, out_dir: P
     settings = node_settings(site, node, secrets, services, netboot)
     network = node_network(site, node)
     # The instance-id (a new one re-provisions the node) ignores the site file's
-    # text in the git section: a comment or another node's edit is no re-install.
+    # text in the git section: a comment or another node's edit is no re-install; nor is a
+    # renewed certificate (`fleet renew` installs it on the running node).
     identity = json.loads(json.dumps(settings))
     identity.get("git_server", {}).pop("site_file", None)
+    identity.pop("tls", None)
     files = render_seed(node.name, list(site.admin_ssh_keys), network=network, sohocloud=settings,
                         instance_id=default_instance_id(node.name, {"settings": identity, "network": network,
                                                                     "keys": list(site.admin_ssh_keys)}))

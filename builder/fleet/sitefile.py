@@ -77,6 +77,23 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class Certificates:
+    """The nodes' TLS certificates from the site CA: how long each is valid, and how long before it
+    ends `fleet build` issues the next one (`fleet renew` installs it on running nodes)."""
+    valid_days: int = 825
+    renew_before_days: int = 30
+
+
+@dataclass(frozen=True)
+class Backups:
+    """How long the NAS keeps its nightly backups (restic forget --prune): the last snapshot of each
+    of the last N days, weeks and months."""
+    keep_daily: int = 7
+    keep_weekly: int = 5
+    keep_monthly: int = 12
+
+
+@dataclass(frozen=True)
 class VpnPeer:
     name: str
     address: str  # its address in the tunnel (vpn.network)
@@ -128,6 +145,8 @@ class Site:
     # so the office's clocks still agree with each other (TOTP, TLS, the log sink need that).
     time_servers: tuple[str, ...] = ("2.debian.pool.ntp.org",)
     vpn: Vpn | None = None
+    backups: Backups = Backups()
+    certificates: Certificates = Certificates()
     gateway: str = ""  # name of the node whose role is the gateway (set by load_site, not in YAML)
 
     @property
@@ -205,6 +224,17 @@ def _check(site: Site, v: Validator, known_roles: list[str], gateway_roles: list
     check_desktops(site.desktops, v, {g.name for g in site.groups}, base)
     if site.vpn is not None:
         _check_vpn(site, site.vpn, v, net, gateway_roles)
+    for key, value in dataclasses.asdict(site.backups).items():
+        if value < 0:
+            v.fail(("backups", key), f"expected a count of snapshots to keep (0 or more), got {value}")
+    c = site.certificates
+    if not 1 <= c.valid_days <= 3650:
+        v.fail(("certificates", "valid_days"), f"expected 1 to 3650 days (the site CA's own life), got {c.valid_days}")
+    if not 0 <= c.renew_before_days < c.valid_days:
+        v.fail(("certificates", "renew_before_days"), f"expected 0 or more days, fewer than valid_days "
+               f"({c.valid_days}: else every build would renew every certificate), got {c.renew_before_days}")
+    if not any(dataclasses.asdict(site.backups).values()):
+        v.fail(("backups",), "keeps no snapshot at all: every backup would be forgotten")
     if site.cluster.engine == "k3s":
         _check_k3s(site, v, base)
 

@@ -41,8 +41,6 @@ log = logging.getLogger("sohocloud.fleet")
 BOOT_TIMEOUT = float(os.environ.get("SOHOCLOUD_BOOT_TIMEOUT", "1200"))
 
 
-
-
 def fleet_up(record: SiteRecord, site_file: Path, out: Path, *, memory: int = 1024, reimage: tuple[str, ...] = (),
              only: tuple[str, ...] = ()) -> dict[str, float]:
     """Boot the site's nodes (all, or *only* these); returns seconds to SSH per node.
@@ -76,6 +74,7 @@ def fleet_up(record: SiteRecord, site_file: Path, out: Path, *, memory: int = 10
                 state["nodes"].pop(name, None)
             write_state(paths, state)
         else:
+            stop_wan_dhcp(paths)
             lan.delete()
             paths.state.unlink(missing_ok=True)
             paths.booted.unlink(missing_ok=True)

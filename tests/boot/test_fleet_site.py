@@ -11,6 +11,7 @@ before it joins, so it need not hold up the manager.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,15 +26,16 @@ from builder.errors import SohoError
 from builder.fleet.checks import CHECKS, FleetProbe, check_netboot, check_units
 from builder.fleet.leaks import site_needles
 from builder.fleet.record import load_built
-from builder.fleet.running import FleetPaths, fleet_ssh_argv
+from builder.fleet.running import FleetPaths, fleet_ssh_argv, node_up, read_state
 from builder.fleet.up import console_says_settled
 from builder.machine.qemu import screendump
 from builder.proc import run
+from builder.seed import read_cidata
 
 from bootkit import ARTIFACTS as LOGS  # tests/boot is on sys.path (prepend import mode)
 from bootkit import OUT, REPO
 from desk_seat import Seat
-from vm_site import fit_desktops_to_vms
+from vm_site import example_for_vms
 
 pytestmark = pytest.mark.boot
 SITE = "office"
@@ -101,18 +103,8 @@ def built(tmp_path_factory, test_key):
     if os.geteuid() != 0:
         pytest.skip("fleet tests need root")
     d = tmp_path_factory.mktemp("office")
-    text = (REPO / "sites/example.yaml").read_text()
-    text = re.sub(r"(?m)^site: example$", f"site: {SITE}", text)
-    if os.environ.get("SOHOCLOUD_FLEET_ARM64") == "all":
-        # `make test-all`: every role on arm64 (router on a Pi 4 card, the rest arm64 qemu images
-        # unless the site already names a board), the desktop template built for arm64 too.
-        text = re.sub(r"(?m)^(  - \{name: \w+, role: router, [^}]*)\}", r"\1, target: rpi4, arch: arm64}", text)
-        # Diskless PCs stay amd64 (Debian's iPXE has no arm64 EFI build).
-        text = re.sub(r"(?m)^(  - \{name: \w+, role: (?!router)(?![^}]*target: pxe)[^}]*?)(, target: \w+, arch: \w+)?\}",
-                      lambda m: m.group(1) + (m.group(2) or ", target: qemu, arch: arm64") + "}", text)
-    text = re.sub(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {test_key.with_suffix('.pub').read_text().strip()}",
-                  text)
-    text = fit_desktops_to_vms(text)
+    text = example_for_vms(REPO, SITE, test_key.with_suffix(".pub").read_text().strip(),
+                           all_arm64=os.environ.get("SOHOCLOUD_FLEET_ARM64") == "all")
     site_file = d / f"{SITE}.yaml"
     site_file.write_text(text)
     secrets = d / "secrets"
@@ -264,6 +256,57 @@ def test_a_cards_boot_partition_holds_no_key_material_after_first_boot(joined, t
         assert not found, f"{node.name}'s card still holds {found} after its first boot"
 
 
+# --------------------------------------------------------------------------- backups over time
+
+def firing_alerts(probe: FleetProbe) -> list[dict]:
+    """The alerts control's Prometheus has firing, read from the LAN."""
+    prom = probe.provider("metrics")
+    script = ("import json,urllib.request;o=urllib.request.build_opener(urllib.request.ProxyHandler({}));"
+              f"print(json.dumps(json.load(o.open('http://{prom.address}:9090/api/v1/alerts',timeout=10))))")
+    p = probe.in_netns([sys.executable, "-c", script], timeout=30)
+    assert p.returncode == 0, p.stderr[-500:]
+    return [a for a in json.loads(p.stdout)["data"]["alerts"] if a["state"] == "firing"]
+
+
+def test_backups_keep_the_sites_retention_and_a_full_backup_disk_raises_an_alert(joined):
+    """Backups prune by the site's retention (example: one snapshot per day for 7 days...): another
+    backup today leaves one snapshot of today. A backup disk with no room left fails the next backup:
+    control's Prometheus fires BackupStepFailed for it, and the next good backup ends it. The weekly
+    check (restic check, a share of the data read back) passes."""
+    probe = joined["probe"]
+    nas = probe.provider("nas")
+    backup_root = probe.node_record(nas).vars["backup_root"]
+    restic = (f"sudo env RESTIC_REPOSITORY={backup_root}/restic RESTIC_PASSWORD_FILE=/etc/sohocloud/restic.pass "
+              "RESTIC_CACHE_DIR=/var/cache/restic restic")
+    probe.ssh(nas, "sudo systemctl start sohocloud-backup.service", timeout=900)
+    probe.ssh(nas, "sudo systemctl start sohocloud-backup.service", timeout=900)
+    snapshots = json.loads(probe.ssh(nas, f"{restic} snapshots --json --tag nas").stdout)
+    days = [s["time"][:10] for s in snapshots]
+    assert len(days) == len(set(days)), f"more than one snapshot a day kept (keep_daily): {days}"
+    probe.ssh(nas, "sudo systemctl start sohocloud-backup-check.service", timeout=900)
+
+    full = f"{backup_root}/no-room-left"
+    nas_root = probe.node_record(nas).vars["nas_root"]
+    try:
+        probe.ssh(nas, f"sudo head -c 4M /dev/urandom | sudo tee {nas_root}/shared/alert-check.bin >/dev/null; "
+                       f"sudo fallocate -l $(( $(df --output=avail -B1 {backup_root} | tail -1) - 65536 )) {full}")
+        failed = probe.ssh(nas, "sudo systemctl start sohocloud-backup.service", timeout=900, check=False)
+        assert failed.returncode != 0, "a backup to a full disk succeeded"
+        deadline = time.monotonic() + 180
+        while not (alerts := [a for a in firing_alerts(probe) if a["labels"].get("alertname") == "BackupStepFailed"
+                              and a["labels"].get("step") == "backup"]):
+            assert time.monotonic() < deadline, f"no BackupStepFailed alert; firing: {firing_alerts(probe)}"
+            time.sleep(10)
+        assert alerts[0]["labels"]["instance"].startswith(f"{nas.name}.")
+    finally:
+        probe.ssh(nas, f"sudo rm -f {full} {nas_root}/shared/alert-check.bin", check=False)
+    probe.ssh(nas, "sudo systemctl start sohocloud-backup.service", timeout=900)
+    deadline = time.monotonic() + 180
+    while [a for a in firing_alerts(probe) if a["labels"].get("alertname", "").startswith("Backup")]:
+        assert time.monotonic() < deadline, f"backup alerts still firing after a good backup: {firing_alerts(probe)}"
+        time.sleep(10)
+
+
 # --------------------------------------------------------------------------- desktops
 
 @pytest.fixture(scope="module")
@@ -378,7 +421,11 @@ def test_two_people_at_once_run_on_two_hosts(joined, seat):
 
 def test_refusals_at_the_real_panel_start_nothing(joined, seat):
     """A wrong password (checked against the directory), a wrong TOTP code: the panel says so, no
-    container starts anywhere."""
+    container starts anywhere (a session of an earlier test may still be stopping on a busy host:
+    only a desktop unit that was not there before counts)."""
+    hosts = joined["probe"].users_of("desktops")
+    desk_units = "sudo systemctl list-units --all --no-legend --plain 'desk-*' | cut -d' ' -f1"
+    before = {n.name: set(on_host(joined, n.name, desk_units).split()) for n in hosts}
     wrong_pw = {**seat.credentials("bob"), "password": "not-bobs-password"}
     r = seat(browser="bob", do="sign_in", url=panel_url(joined, "ws1"), **wrong_pw)
     assert r["page"] == "sign in" and "name or password" in r["message"].lower(), r
@@ -386,8 +433,9 @@ def test_refusals_at_the_real_panel_start_nothing(joined, seat):
     r = seat(browser="bob", do="sign_in", url=panel_url(joined, "ws1"),
              **{**fields, "otp": f"{(int(fields['otp']) + 1) % 1000000:06d}"})
     assert r["page"] == "sign in" and "code" in r["message"].lower(), r
-    for n in joined["probe"].users_of("desktops"):
-        assert on_host(joined, n.name, "sudo systemctl list-units --no-legend --plain 'desk-*'").strip() == "", n.name
+    for n in hosts:
+        started = set(on_host(joined, n.name, desk_units).split()) - before[n.name]
+        assert not started, f"{n.name} started {started} for a refused sign-in"
 
 
 def test_desktop_events_reach_the_log_sink(joined, seat):
@@ -506,3 +554,56 @@ def test_netboot_refuses_a_corrupt_squashfs(joined):
     # Put back, the served file is the one boot.ipxe names again.
     sha = probe.ssh(gw, f"sha256sum {served}").stdout.split()[0]
     assert sha == manifest["files"]["rootfs.squashfs"]
+
+
+# --------------------------------------------------------------------------- certificates over time
+
+SERVED_SERIAL = r"""
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+with socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=20) as s, \
+        ctx.wrap_socket(s, server_hostname=sys.argv[4]) as t:
+    import hashlib; print(hashlib.sha256(t.getpeercert(binary_form=True)).hexdigest())
+"""
+
+
+def test_certificates_renew_without_reprovisioning(joined):
+    """Certificates near their end are renewed by `fleet build` and installed by `fleet renew`: each
+    running node serves and uses its new certificate, keeps its instance-id (its first boot is not
+    run again: no node re-provisioned, control's directory not re-created from the site file), and
+    the site still works on the new certificates (LDAP over TLS, journals to the sink).
+    (Runs last: it rebuilds the site's seeds.)"""
+    import ssl
+    probe, site, f = joined["probe"], joined["site"], joined["file"]
+    secrets = joined["secrets"] / SITE
+    state = read_state(probe.paths)
+    running = [n for n in site.nodes if node_up(state, n.name)]
+    assert len(running) >= 4
+    iids = {n.name: probe.ssh(n, "sudo cat /var/lib/sohocloud/online.done").stdout for n in running}
+    before = {n.name: (secrets / "nodes" / f"{n.name}.crt").read_bytes() for n in site.nodes}
+    # Every certificate (825 days) now ends within the renewal window; the next ones last 3000 days.
+    f.write_text(f.read_text() + "\ncertificates: {valid_days: 3000, renew_before_days: 900}\n")
+    r = cli("fleet", "build", str(f), "-o", str(OUT), "--secrets", str(joined["secrets"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = {n.name: (secrets / "nodes" / f"{n.name}.crt").read_bytes() for n in site.nodes}
+    assert all(after[n] != before[n] for n in after), "not every certificate was renewed"
+    assert "certificate renewed" in r.stderr
+    # The seeds carry the new pairs under the same instance-ids.
+    for n in running:
+        meta = read_cidata(OUT / SITE / "seeds" / f"{n.name}.img")["meta-data"]
+        assert iids[n.name].strip() in meta, (n.name, meta, iids[n.name])
+    r = cli("fleet", "renew", str(f), "-o", str(OUT), "--secrets", str(joined["secrets"]), "-i", probe.identity,
+            timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for n in running:
+        assert f"{n.name}\trenewed" in r.stdout, r.stdout
+        installed = probe.ssh(n, "sudo cat /etc/sohocloud/tls/node.crt").stdout.encode()
+        assert installed.strip() == after[n.name].strip(), n.name
+        assert probe.ssh(n, "sudo cat /var/lib/sohocloud/online.done").stdout == iids[n.name]
+    control = probe.provider("ldap")
+    served = probe.in_netns([sys.executable, "-c", SERVED_SERIAL, str(secrets / "ca.crt"), control.address, "636",
+                             f"{control.name}.{site.domain}"], timeout=60)
+    new_der = ssl.PEM_cert_to_DER_cert(after[control.name].decode())
+    assert served.stdout.strip() == hashlib.sha256(new_der).hexdigest(), served.stderr[-500:]
+    CHECKS["ldap"](probe)
+    CHECKS["journals"](probe)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 # The test's hosts are small VMs (1 GiB; a diskless PC ~1.9): a machine type and a reserve to fit
 # them (a session idles at ~45 MB). The example's own standard type wants a real PC's RAM.
 VM_STANDARD, VM_RESERVE = "512M", "384M"
@@ -14,3 +17,20 @@ def fit_desktops_to_vms(text: str) -> str:
         raise ValueError("the example site's desktops no longer give the office a `standard` machine")
     return text.replace("  policy:\n", f"  machine_types:\n    standard: {{cpus: 1, memory: {VM_STANDARD}, pids: 256}}\n"
                                        f"  host_reserve: {VM_RESERVE}\n  policy:\n")
+
+
+def example_for_vms(repo: Path, name: str, admin_key: str, *, all_arm64: bool = False) -> str:
+    """sites/example.yaml as the test fleet and the bench boot it: named *name*, the test's admin key
+    instead of the example's, desktops fitted to the VMs; *all_arm64* (`make test-all`): every role
+    on arm64 (the router on a Pi 4 card, the rest arm64 qemu images unless the site names a board;
+    diskless PCs stay amd64: Debian's iPXE has no arm64 EFI build)."""
+    text = (repo / "sites/example.yaml").read_text()
+    text = re.sub(r"(?m)^site: example$", f"site: {name}", text)
+    if all_arm64:
+        text = re.sub(r"(?m)^(  - \{name: \w+, role: router, [^}]*)\}", r"\1, target: rpi4, arch: arm64}", text)
+        text = re.sub(r"(?m)^(  - \{name: \w+, role: (?!router)(?![^}]*target: pxe)[^}]*?)(, target: \w+, arch: \w+)?\}",
+                      lambda m: m.group(1) + (m.group(2) or ", target: qemu, arch: arm64") + "}", text)
+    keys = re.subn(r"(?m)^  - ssh-ed25519 \S+ admin@example$", f"  - {admin_key}", text)
+    if keys[1] != 1:
+        raise ValueError("the example site no longer has its one placeholder admin key")
+    return fit_desktops_to_vms(keys[0])

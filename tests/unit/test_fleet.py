@@ -220,3 +220,29 @@ def test_the_gateways_wan_is_a_tap_on_the_wan_side_and_nothing_is_user_net(site)
     assert wan_mac(gw).startswith("52:54:01:") and wan_mac(gw)[9:] == gw.mac[9:]
     (only,) = node_nics(["lan"], site.node("ws1"))
     assert only.kind == "tap" and only.mac == site.node("ws1").mac
+
+
+def test_only_expiring_certificates_are_renewed_and_instance_ids_stay(site, tmp_path):
+    """A node certificate is issued for the site's valid_days; the next `fleet build` re-issues only
+    one that ends within renew_before_days, and the node's seed keeps its instance-id (so the node is
+    not re-provisioned: `fleet renew` installs the new pair)."""
+    import dataclasses
+    from builder.fleet.sitefile import Certificates
+    from builder.seed import read_cidata
+    short = dataclasses.replace(site, certificates=Certificates(valid_days=10, renew_before_days=5))
+    s = SiteSecrets(tmp_path / "secrets" / site.name)
+    ctl_key, ctl_cert = s.node_tls(short, site.node("ctl"))  # 10 days
+    nas_pair = s.node_tls(site, site.node("nas"))  # 825 days
+    c = x509.load_pem_x509_certificate(ctl_cert)
+    assert 9 <= (c.not_valid_after_utc - c.not_valid_before_utc).days <= 10
+    seeds = tmp_path / "seeds"
+    iid = read_cidata(write_node_seed(short, site.node("ctl"), s, seeds))["meta-data"]
+    assert s.node_tls(short, site.node("ctl")) == (ctl_key, ctl_cert)  # 10 days left: kept
+    due = dataclasses.replace(site, certificates=Certificates(valid_days=30, renew_before_days=15))
+    new_key, new_cert = s.node_tls(due, site.node("ctl"))
+    assert new_cert != ctl_cert and new_key != ctl_key
+    assert x509.load_pem_x509_certificate(new_cert).serial_number != c.serial_number
+    assert s.node_tls(due, site.node("nas")) == nas_pair  # 825 days left: not touched
+    assert read_cidata(write_node_seed(due, site.node("ctl"), s, seeds))["meta-data"] == iid
+    user_data = yaml.safe_load(read_cidata(seeds / "ctl.img")["user-data"])
+    assert user_data["sohocloud"]["tls"]["cert"].strip() == new_cert.decode().strip()  # the new pair rides in it

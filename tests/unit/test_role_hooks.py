@@ -19,6 +19,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 from test_fleet_services import EXAMPLE, NODES, REPO, load_example, seed_block  # a sibling: tests/unit is on sys.path
 
 from builder.fleet.secrets import SiteSecrets
@@ -300,6 +301,11 @@ def test_control_prometheus_targets(control_root, seed):
     conf = json.loads((control_root / "etc/prometheus/prometheus.yml").read_text())
     jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in conf["scrape_configs"]}
     assert jobs == {"node": [f"{n}.example.lan:9100" for n in NODES], "prometheus": ["10.44.0.2:9090"]}
+    # The site's alerts: the image's rule file, whose every rule names an alert and a query.
+    assert conf["rule_files"] == ["/etc/prometheus/sohocloud-rules.yml"]
+    rules = yaml.safe_load((OVERLAYS / "control/etc/prometheus/sohocloud-rules.yml").read_text())
+    alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    assert {"BackupStepFailed", "BackupTooOld", "BackupNotChecked"} <= set(alerts)
     assert "--web.listen-address=10.44.0.2:9090" in (control_root / "etc/default/prometheus").read_text()
 
 
@@ -374,6 +380,9 @@ def test_storage_exports_backup_password_and_syncthing(storage_root, seed):
     ]
     restic = storage_root / "etc/sohocloud/restic.pass"
     assert restic.read_text() == block["nas_server"]["backup_password"] + "\n" and mode(restic) == 0o600
+    # The site's retention for sohocloud-backup (sites/example.yaml keeps the defaults).
+    assert json.loads((storage_root / "etc/sohocloud/backup.json").read_text()) == {
+        "keep_daily": 7, "keep_weekly": 5, "keep_monthly": 12}
     assert mode(storage_root / "srv/nas/home") == 0o755
     shared = storage_root / "srv/nas/shared"
     if os.geteuid() == 0:

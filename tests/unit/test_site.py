@@ -158,3 +158,23 @@ def test_vpn_errors_name_the_key(tmp_path, old, new, expect):
     msg = error_of(tmp_path, GOOD + VPN.replace(old, new, 1))
     assert re.search(expect, msg), msg
     assert "site.yaml:" in msg
+
+
+def test_backup_retention_defaults_and_is_checked(tmp_path):
+    site = load_site(write(tmp_path, GOOD), known_roles=ROLES, gateway_roles=GATEWAYS)
+    assert (site.backups.keep_daily, site.backups.keep_weekly, site.backups.keep_monthly) == (7, 5, 12)
+    msg = error_of(tmp_path, GOOD + "backups: {keep_daily: -1}\n")
+    assert re.search(r"site.yaml:16: backups\.keep_daily: expected a count", msg), msg
+    msg = error_of(tmp_path, GOOD + "backups: {keep_daily: 0, keep_weekly: 0, keep_monthly: 0}\n")
+    assert "keeps no snapshot at all" in msg
+    msg = error_of(tmp_path, GOOD + "backups: {keep_last: 3}\n")
+    assert "unknown key 'keep_last'" in msg
+
+
+def test_certificate_policy_is_checked(tmp_path):
+    site = load_site(write(tmp_path, GOOD), known_roles=ROLES, gateway_roles=GATEWAYS)
+    assert (site.certificates.valid_days, site.certificates.renew_before_days) == (825, 30)
+    msg = error_of(tmp_path, GOOD + "certificates: {valid_days: 10, renew_before_days: 10}\n")
+    assert re.search(r"site.yaml:16: certificates\.renew_before_days: expected 0 or more days, fewer than", msg), msg
+    msg = error_of(tmp_path, GOOD + "certificates: {valid_days: 0}\n")
+    assert "certificates.valid_days: expected 1 to 3650 days" in msg
