@@ -59,7 +59,7 @@ def test_a_renewed_pair_is_installed_and_the_hooks_take_it_up(node, ca):
     assert (node.tls / "node.crt").read_bytes() == cert and (node.tls / "node.key").read_bytes() == key
     assert stat.S_IMODE((node.tls / "node.key").stat().st_mode) == 0o600
     assert node.marker.read_bytes() == cert  # the hook ran after both files were in place
-    assert "subject=CN=ctl" in r.stderr and key.decode().splitlines()[1] not in r.stderr
+    assert "subject=commonName=ctl" in r.stderr and key.decode().splitlines()[1] not in r.stderr
 
 
 @pytest.mark.parametrize("why", ["another CA", "another node", "another key"])
