@@ -157,9 +157,12 @@ def check_cluster(probe: FleetProbe) -> None:
         out = probe.ssh(manager, "sudo docker node ls --format '{{.Hostname}} {{.Status}}'").stdout.split("\n")
         status: dict[str, str] = {}
         for line in out:  # a re-imaged node may leave a Down entry under its name for a while
-            if line.strip():
-                host, state = line.split()
-                status[host] = "Ready" if "Ready" in (state, status.get(host)) else state
+            fields = line.split()
+            if len(fields) != 2:  # a node still joining has no hostname yet: not ready
+                expect(not fields, f"swarm nodes: a member without its name yet ({line.strip()!r})")
+                continue
+            host, state = fields
+            status[host] = "Ready" if "Ready" in (state, status.get(host)) else state
         expect(all(status.get(m) == "Ready" for m in members), f"swarm nodes: {status}, expected {sorted(members)}")
         fmt = "{{.Description.Hostname}} {{index .Spec.Labels \"sohocloud.role\"}}"
         labels = probe.ssh(manager, f"sudo docker node inspect --format '{fmt}' $(sudo docker node ls -q)").stdout

@@ -501,6 +501,7 @@ def test_router_lets_vpn_clients_reach_what_the_site_names_and_nothing_else(tmp_
 @pytest.mark.parametrize("entry, why", [({"address": "192.168.1.5", "proto": "tcp", "ports": "22"}, "not on the LAN"),
                                         ({"address": "10.44.0.1", "proto": "tcp", "ports": "1-1000"}, "one by one"),
                                         ({"address": "10.44.0.3", "proto": "icmp", "ports": "1"}, "proto"),
+                                        ({"address": "fd00::3", "proto": "tcp", "ports": "22"}, "IPv4 only"),
                                         ({"address": "10.44.0.3", "proto": "tcp", "ports": "22 } ; flush"}, "ports")])
 def test_router_refuses_a_vpn_reach_beyond_the_lan_or_malformed(tmp_path, seed, entry, why):
     root = make_root(tmp_path, "gw")
