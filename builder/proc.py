@@ -51,16 +51,18 @@ def run(
         full_env.update(env)
     if isinstance(input, bytes):
         input = input.decode()
-    proc = subprocess.run(
-        argv,
-        input=input,
-        env=full_env,
-        cwd=cwd,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=timeout,
-    )
+    with subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=full_env, cwd=cwd, text=True) as child:
+        try:
+            stdout, stderr = child.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise
+        except BaseException as interrupted:  # Ctrl-C, our SIGTERM handler's Terminated
+            _let_it_clean_up(child, interrupted)
+            raise
+    proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     if not capture and proc.stdout:
         for line in proc.stdout.splitlines()[-50:]:
             log.debug("  %s", line)
@@ -70,6 +72,31 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr or proc.stdout or "")
     return proc
+
+
+# How long an interrupted command may take to undo its own work (mmdebstrap unmounts its chroot's
+# /proc, /sys, /dev and removes its tree) before it is killed.
+CLEANUP_GRACE_S = 60
+
+
+def _let_it_clean_up(child: subprocess.Popen, interrupted: BaseException) -> None:
+    """subprocess.run would SIGKILL an interrupted child after 0.25 s: mid-cleanup, it leaves its
+    mounts behind. Instead the child gets the same signal (a terminal's Ctrl-C has sent it already;
+    a SIGTERM to us alone has not) and CLEANUP_GRACE_S to exit; only then is it killed."""
+    if child.poll() is None and not isinstance(interrupted, KeyboardInterrupt):
+        child.terminate()
+    try:
+        child.communicate(timeout=CLEANUP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %d s of the interruption: killed", child.args[0], CLEANUP_GRACE_S)
+        child.kill()
+        try:  # a grandchild may still hold our pipes open: do not wait for it
+            child.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    except BaseException:  # a second Ctrl-C: stop waiting, kill
+        child.kill()
+        raise
 
 
 def require_tools(tools: Sequence[str]) -> None:

@@ -148,10 +148,11 @@ def check_dns_and_reservations(probe: FleetProbe) -> None:
         expect(got == [n.address], f"router DNS: {fqdn} -> {got}, expected {n.address}")
 
 
-def check_cluster(probe: FleetProbe) -> None:
-    """The cluster lists every member Ready, labelled with its role."""
+def check_cluster(probe: FleetProbe, nodes: list[SiteNode] | None = None) -> None:
+    """The cluster lists every member (of *nodes*, default all) Ready, labelled with its role."""
     manager = probe.provider("cluster")
-    members = {n.name: n.role for n in probe.site.nodes if probe.node_record(n).cluster != "none"}
+    members = {n.name: n.role for n in (probe.site.nodes if nodes is None else nodes)
+               if probe.node_record(n).cluster != "none"}
 
     def ready() -> None:
         out = probe.ssh(manager, "sudo docker node ls --format '{{.Hostname}} {{.Status}}'").stdout.split("\n")
@@ -167,6 +168,8 @@ def check_cluster(probe: FleetProbe) -> None:
         fmt = "{{.Description.Hostname}} {{index .Spec.Labels \"sohocloud.role\"}}"
         labels = probe.ssh(manager, f"sudo docker node inspect --format '{fmt}' $(sudo docker node ls -q)").stdout
         got = dict(line.split() for line in labels.splitlines() if len(line.split()) == 2)
+        if nodes is not None:  # the others (one switched off, say) are not asked about
+            got = {name: role for name, role in got.items() if name in members}
         expect(got == members, f"role labels {got}, expected {members}")
 
     retry(ready, 240)
