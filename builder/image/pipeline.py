@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..proc import require_tools
-from . import integrity, s2_rootfs, s3_customise, s4_initrd
+from . import s2_rootfs, s3_customise, s4_initrd
 from .cache import StageCache, digest, extract_tar, hash_tree, sha256_file
 from .identity import identity, source_date_epoch
 from .config import BuildConfig
@@ -83,7 +83,6 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
         customise_tree(job)         # stage 3
         install_kernel(job)         # stage 4: the kernel's modules into the tree,
         make_initrd(job)            #          kernel and initrd out of it
-        record_integrity(job)       #          the finished tree's AIDE database
         assemble_artefact(job)      # stage 5
         manifest = write_manifest(job)  # stage 6
     seconds = time.monotonic() - job.started
@@ -138,11 +137,6 @@ def make_initrd(job: BuildJob) -> None:
         return
     job.kernel = s4_initrd.make_kernel_and_initrd(job.cfg, job.root, job.boot, job.work / "kernel", job.work,
                                                   int(source_date_epoch()))
-
-
-def record_integrity(job: BuildJob) -> None:
-    if integrity.wanted(job.root):
-        integrity.record_baseline(job.root, job.packages.get("aide", ""))
 
 
 def assemble_artefact(job: BuildJob) -> None:
@@ -200,6 +194,4 @@ def check_build_host(cfgs: list[BuildConfig]) -> None:
         tools += s2_rootfs.check_host(cfg)
     if any("img.xz" in c.target.outputs for c in cfgs):
         tools += ["bmaptool", "xz"]
-    if any("aide" in c.all_packages() for c in cfgs):  # the integrity baseline (integrity.py)
-        tools += ["aide"]
     require_tools(list(dict.fromkeys(tools)))

@@ -97,12 +97,6 @@ class ModuleException:
 
 
 @dataclass(frozen=True)
-class AuditAnswer:
-    """A finding of the security audit (Lynis: a test id, or test:item) this role does not act on, and why."""
-    reason: str
-
-
-@dataclass(frozen=True)
 class User:
     name: str
     groups: tuple[str, ...] = ()
@@ -188,10 +182,6 @@ class Profile:
     firewall: Firewall = Firewall()
     sysctl: dict[str, int | str] = field(default_factory=dict)
     sysctl_exceptions: dict[str, SysctlException] = field(default_factory=dict)
-    # Lynis suggestions not acted on, each with its reason: `sohocloud fleet audit` prints them and
-    # fails on any suggestion that is neither acted on nor answered here.
-    audit_answers: dict[str, AuditAnswer] = field(default_factory=dict)
-    audit_min_index: int = 0  # the Lynis hardening index a node of this role reaches at least
     users: tuple[User, ...] = ()
     modes: dict[str, FileMode] = field(default_factory=dict)
     edits: tuple[ConfigEdit, ...] = ()

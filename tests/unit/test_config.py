@@ -494,27 +494,3 @@ def test_a_module_exception_needs_a_blacklisted_module_and_a_reason(repo: Path, 
     edit(f, "\nvars:\n", f"\nmodule_exceptions:\n  {entry}\nvars:\n")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, entry)}:" in msg and expect in msg, msg
-
-
-# --------------------------------------------------------------------------- audit answers
-
-
-def test_every_role_answers_lynis_with_reasons_and_asks_for_90(repo: Path) -> None:
-    for role in ("router", "control", "storage", "workstation-host"):
-        p = resolve(Repo(repo), role).profile
-        assert p.audit_min_index >= 90, role
-        assert p.audit_answers and all(a.reason.strip() for a in p.audit_answers.values()), role
-
-
-def test_audit_answer_needs_a_lynis_id(repo: Path) -> None:
-    f = repo / "profiles/router.yaml"
-    f.write_text(f.read_text() + "\naudit_answers:\n  not-an-id: {reason: x}\n")
-    msg = config_error(repo)
-    assert f"{f}:{line_of(f, 'not-an-id')}:" in msg and "expected a Lynis test id like FILE-6310" in msg
-
-
-def test_audit_answer_needs_a_reason(repo: Path) -> None:
-    f = repo / "profiles/router.yaml"
-    f.write_text(f.read_text() + "\naudit_answers:\n  BOOT-5122: {reason: \"  \"}\n")
-    msg = config_error(repo)
-    assert "audit_answers.BOOT-5122.reason" in msg and "non-empty reason" in msg
