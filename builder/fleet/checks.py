@@ -148,6 +148,21 @@ def check_dns_and_reservations(probe: FleetProbe) -> None:
         expect(got == [n.address], f"router DNS: {fqdn} -> {got}, expected {n.address}")
 
 
+def swarm_status(node_ls: str) -> dict[str, str]:
+    """`docker node ls` lines (hostname, status) -> hostname -> status; Ready wins for a name listed
+    twice (a re-imaged node may leave a Down entry under its name for a while). An entry without a
+    hostname is no member's: a node still joining, or one a retried join left behind (it stays
+    `Unknown` for good); members are judged by their names only."""
+    status: dict[str, str] = {}
+    for line in node_ls.splitlines():
+        fields = line.split()
+        if len(fields) != 2:
+            continue
+        host, state = fields
+        status[host] = "Ready" if "Ready" in (state, status.get(host)) else state
+    return status
+
+
 def check_cluster(probe: FleetProbe, nodes: list[SiteNode] | None = None) -> None:
     """The cluster lists every member (of *nodes*, default all) Ready, labelled with its role."""
     manager = probe.provider("cluster")
@@ -155,15 +170,8 @@ def check_cluster(probe: FleetProbe, nodes: list[SiteNode] | None = None) -> Non
                if probe.node_record(n).cluster != "none"}
 
     def ready() -> None:
-        out = probe.ssh(manager, "sudo docker node ls --format '{{.Hostname}} {{.Status}}'").stdout.split("\n")
-        status: dict[str, str] = {}
-        for line in out:  # a re-imaged node may leave a Down entry under its name for a while
-            fields = line.split()
-            if len(fields) != 2:  # a node still joining has no hostname yet: not ready
-                expect(not fields, f"swarm nodes: a member without its name yet ({line.strip()!r})")
-                continue
-            host, state = fields
-            status[host] = "Ready" if "Ready" in (state, status.get(host)) else state
+        out = probe.ssh(manager, "sudo docker node ls --format '{{.Hostname}} {{.Status}}'").stdout
+        status = swarm_status(out)
         expect(all(status.get(m) == "Ready" for m in members), f"swarm nodes: {status}, expected {sorted(members)}")
         fmt = "{{.Description.Hostname}} {{index .Spec.Labels \"sohocloud.role\"}}"
         labels = probe.ssh(manager, f"sudo docker node inspect --format '{fmt}' $(sudo docker node ls -q)").stdout

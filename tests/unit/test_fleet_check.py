@@ -118,3 +118,9 @@ def test_http_status_reads_the_servers_answer_and_ignores_the_hosts_proxy(netns,
 ])
 def test_a_nodes_tracking_line_says_whether_it_keeps_the_sites_time(line, problem):
     assert tracking_problem(line, "10.44.0.1") == problem
+
+
+def test_swarm_members_are_judged_by_name_and_a_nameless_entry_is_no_members():
+    from builder.fleet.checks import swarm_status
+    out = "control Ready\nnas Ready\n Unknown\nws1 Down\nws1 Ready\npc1 Down\n\n"
+    assert swarm_status(out) == {"control": "Ready", "nas": "Ready", "ws1": "Ready", "pc1": "Down"}
