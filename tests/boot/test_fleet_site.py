@@ -269,7 +269,7 @@ def test_audit_records_integrity_findings_and_accounting_reach_the_log_sink(join
         assert dropped in r.stdout and "AIDE found differences" in r.stdout, r.stdout[-2000:]
         # Nothing else differs from the image as built: a check that reports more is noise nobody reads.
         entries = set(re.findall(r"(?m)^[a-z][^:\n]{10,}: (/\S+)$", r.stdout))
-        assert entries == {dropped, "/usr/local/sbin"}, sorted(entries)[:40]
+        assert entries - {"/usr/local/sbin"} == {dropped}, sorted(entries)[:40]  # its folder's mtime may show
         assert probe.ssh(gw, "systemctl is-failed sohocloud-aide-check.service", check=False).stdout.strip() != "failed"
     finally:
         probe.ssh(gw, f"sudo rm -f {dropped}")

@@ -3,8 +3,10 @@ is still carrying out from an earlier try is waited for, not left and asked for 
 
 from __future__ import annotations
 
+import calendar
 import importlib.machinery
 import importlib.util
+import time
 import types
 from pathlib import Path
 
@@ -128,6 +130,27 @@ def test_joind_cleanup_skips_entries_that_never_described_themselves(monkeypatch
     ]
     assert joind.stale_entries(nodes, "ws1", "new") == ["old"]
     assert joind.hostname(nodes[1]) is None and joind.hostname(nodes[2]) is None
+
+
+def test_joind_removes_entries_no_node_ever_described_once_they_are_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join the manager accepted and the node gave up on leaves an entry with no hostname, Unknown
+    for good (ci14). joind removes it once it is older than any join in progress, never a named
+    entry or a ready one."""
+    joind = load_script(REPO / "overlays/control/usr/lib/sohocloud/sohocloud-joind", "sohocloud_joind",
+                        monkeypatch)
+    now = float(calendar.timegm((2026, 12, 7, 15, 33, 20, 0, 0, 0)))
+    stamp = lambda age: time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(now - age))  # noqa: E731
+    nodes = [
+        {"ID": "gaveup", "CreatedAt": stamp(3600), "Status": {"State": "unknown"}},
+        {"ID": "gaveup2", "CreatedAt": stamp(joind.ORPHAN_AGE + 1), "Description": {}, "Status": {"State": "down"}},
+        {"ID": "joining", "CreatedAt": stamp(30), "Status": {"State": "unknown"}},
+        {"ID": "undated", "Status": {"State": "unknown"}},
+        {"ID": "garbled", "CreatedAt": "yesterday", "Status": {"State": "unknown"}},
+        {"ID": "readynameless", "CreatedAt": stamp(3600), "Status": {"State": "ready"}},
+        {"ID": "named", "CreatedAt": stamp(3600), "Description": {"Hostname": "pc1"}, "Status": {"State": "down"}},
+    ]
+    assert joind.orphan_entries(nodes, now) == ["gaveup", "gaveup2"]
+    assert joind.created_at({"CreatedAt": "2026-12-07T15:33:20.5Z"}) == now
 
 
 def test_docker_not_running_is_started_again_and_named(hook, monkeypatch: pytest.MonkeyPatch) -> None:
