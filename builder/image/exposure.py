@@ -61,8 +61,28 @@ def over_levels(measured: dict[str, float], declared: dict[str, float]) -> list[
             for u, m in measured.items() if m > declared[u] + 1e-9]
 
 
-def check(root: Path, role: str, runs: tuple[str, ...], declared: dict[str, float]) -> dict[str, float]:
+def systemd_major(version: str) -> int | None:
+    """252 from 'systemd 252 (252.38-1~deb12u1)' (systemd-analyze --version) or '252.38-1~deb12u1' (dpkg)."""
+    m = re.search(r"(?:^|systemd )(\d+)(?:[.\s~+-]|$)", version.strip())
+    return int(m.group(1)) if m else None
+
+
+def check_scale(image_systemd: str) -> None:
+    """The host's systemd-analyze scores a unit as the image's systemd would: same major release."""
+    if not image_systemd:
+        return
+    out = run(["systemd-analyze", "--version"], capture=True, check=False).stdout
+    host, image = systemd_major(out), systemd_major(image_systemd)
+    if host != image:
+        raise SohoError(f"services.exposure: the image has systemd {image_systemd} but this host's systemd-analyze "
+                        f"is {host}: each release scores sandboxes its own way, so the levels declared for "
+                        f"{image} cannot be checked here; build on a host with systemd {image}")
+
+
+def check(root: Path, role: str, runs: tuple[str, ...], declared: dict[str, float],
+          image_systemd: str = "") -> dict[str, float]:
     """Measure every service *role* runs; fail if one is above its declared level. Returns the levels."""
+    check_scale(image_systemd)
     measured = {u: measure(root, u) for u in runs if u in declared}
     over = over_levels(measured, declared)
     if over:

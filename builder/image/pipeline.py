@@ -129,7 +129,7 @@ def customise_tree(job: BuildJob) -> None:
 def check_exposure(job: BuildJob) -> None:
     services = job.cfg.profile.services
     if job.cfg.target.kind == "node" and services.exposure:
-        exposure.check(job.root, job.cfg.role, services.run(), services.exposure)
+        exposure.check(job.root, job.cfg.role, services.run(), services.exposure, job.packages.get("systemd", ""))
 
 
 def install_kernel(job: BuildJob) -> None:

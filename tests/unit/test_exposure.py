@@ -68,3 +68,20 @@ def test_sandbox_needs_its_file(tmp_path: Path) -> None:
     (root / exposure.SANDBOX).unlink()
     with pytest.raises(SohoError, match="no /usr/lib/sohocloud/sandbox.conf"):
         exposure.install_sandbox(root, ("a.service",))
+
+
+def test_systemd_major_of_both_spellings() -> None:
+    assert exposure.systemd_major("systemd 252 (252.38-1~deb12u1)\n+PAM +AUDIT") == 252
+    assert exposure.systemd_major("252.38-1~deb12u1") == 252
+    assert exposure.systemd_major("257~rc3-1") == 257
+    assert exposure.systemd_major("") is None
+
+
+def test_an_image_of_another_systemd_release_is_refused(tmp_path: Path) -> None:
+    """Each release scores sandboxes its own way: a level declared for the images' systemd cannot be
+    checked by another one's systemd-analyze."""
+    root = tree(tmp_path, {"a.service": BARE})
+    host = exposure.systemd_major(exposure.run(["systemd-analyze", "--version"], capture=True).stdout)
+    with pytest.raises(SohoError, match=f"the image has systemd 999.1-1 but this host's systemd-analyze is {host}"):
+        exposure.check(root, "r", ("a.service",), {"a.service": 10.0}, "999.1-1")
+    assert exposure.check(root, "r", ("a.service",), {"a.service": 10.0}, f"{host}.1-1")
