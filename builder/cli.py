@@ -14,6 +14,7 @@ from .errors import SohoError
 from .fleet.build import fleet_build
 from .fleet.checks import CHECKS, FleetProbe, run_checks
 from .fleet.leaks import find_secrets, site_artefacts, site_needles
+from .fleet.audit import fleet_audit
 from .fleet.renew import fleet_renew
 from .fleet.record import load_built, site_name_of
 from .fleet.running import FleetPaths, booted_record, check_root, fleet_down, fleet_ssh_argv
@@ -106,6 +107,18 @@ def cmd_fleet_renew(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fleet_audit(args: argparse.Namespace) -> int:
+    name, _file = site_name_of(Repo.default().root, args.site)
+    probe = FleetProbe.open(name, Path(args.output), Path(args.secrets) / name, args.identity)
+    results = fleet_audit(probe, tuple(args.only))
+    for result in results:
+        print("\n".join(result.lines()))
+    failed = [r.node for r in results if not r.passed]
+    if failed:
+        print(f"sohocloud: fleet audit: below its profile: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_fleet_down(args: argparse.Namespace) -> int:
     name, _file = site_name_of(Repo.default().root, args.site)
     check_root()
@@ -160,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     add_fleet_test(fsub)
     add_fleet_scan(fsub)
     add_fleet_renew(fsub)
+    add_fleet_audit(fsub)
     add_fleet_ssh(fsub)
     add_fleet_sessions(fsub)
     add_fleet_down(fsub)
@@ -248,13 +262,24 @@ def add_fleet_scan(fsub) -> None:
 
 
 def add_fleet_renew(fsub) -> None:
-    s = fsub.add_parser("renew", help="install the certificates `fleet build` renewed on the running nodes")
+    add_node_command(fsub, "renew", "install the certificates `fleet build` renewed on the running nodes",
+                     cmd_fleet_renew)
+
+
+def add_fleet_audit(fsub) -> None:
+    add_node_command(fsub, "audit", "Lynis on each running node, held to its role's audit_min_index and "
+                                    "audit_answers (needs lynis on this host)", cmd_fleet_audit)
+
+
+def add_node_command(fsub, name: str, help: str, func) -> None:
+    """A fleet command that works on the site's running nodes over the admin's SSH."""
+    s = fsub.add_parser(name, help=help)
     s.add_argument("site")
     add_output(s)
     add_secrets(s)
     s.add_argument("-i", "--identity", required=True, help="the admin's private key")
     s.add_argument("--only", action="append", default=[], metavar="NODE", help="only this node (repeatable)")
-    s.set_defaults(func=cmd_fleet_renew)
+    s.set_defaults(func=func)
 
 
 def add_fleet_sessions(fsub) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..proc import require_tools
-from . import s2_rootfs, s3_customise, s4_initrd
+from . import exposure, integrity, s2_rootfs, s3_customise, s4_initrd
 from .cache import StageCache, digest, extract_tar, hash_tree, sha256_file
 from .identity import identity, source_date_epoch
 from .config import BuildConfig
@@ -81,8 +81,10 @@ def build(cfg: BuildConfig, out_dir: Path, *, cache: StageCache | None = None, u
         make_base_trees(job)        # stage 2, cached: rootfs, kernel, boot files
         unpack_base_trees(job)
         customise_tree(job)         # stage 3
+        check_exposure(job)         #          each service's sandbox, measured
         install_kernel(job)         # stage 4: the kernel's modules into the tree,
         make_initrd(job)            #          kernel and initrd out of it
+        record_integrity(job)       #          the finished tree's AIDE database
         assemble_artefact(job)      # stage 5
         manifest = write_manifest(job)  # stage 6
     seconds = time.monotonic() - job.started
@@ -124,6 +126,12 @@ def customise_tree(job: BuildJob) -> None:
     log.info("customise: done (%d packages)", len(job.packages))
 
 
+def check_exposure(job: BuildJob) -> None:
+    services = job.cfg.profile.services
+    if job.cfg.target.kind == "node" and services.exposure:
+        exposure.check(job.root, job.cfg.role, services.run(), services.exposure, job.packages.get("systemd", ""))
+
+
 def install_kernel(job: BuildJob) -> None:
     if job.trees.kernel is None:
         return
@@ -137,6 +145,11 @@ def make_initrd(job: BuildJob) -> None:
         return
     job.kernel = s4_initrd.make_kernel_and_initrd(job.cfg, job.root, job.boot, job.work / "kernel", job.work,
                                                   int(source_date_epoch()))
+
+
+def record_integrity(job: BuildJob) -> None:
+    if integrity.wanted(job.root):
+        integrity.record_baseline(job.root, job.packages.get("aide", ""))
 
 
 def assemble_artefact(job: BuildJob) -> None:
@@ -194,4 +207,8 @@ def check_build_host(cfgs: list[BuildConfig]) -> None:
         tools += s2_rootfs.check_host(cfg)
     if any("img.xz" in c.target.outputs for c in cfgs):
         tools += ["bmaptool", "xz"]
+    if any(c.target.kind == "node" and c.profile.services.exposure for c in cfgs):
+        tools += ["systemd-analyze"]  # each service's exposure (exposure.py)
+    if any("aide" in c.all_packages() for c in cfgs):  # the integrity baseline (integrity.py)
+        tools += ["aide"]
     require_tools(list(dict.fromkeys(tools)))

@@ -139,6 +139,26 @@ def load_profile(repo: Repo, role: str) -> Profile:
     return profile
 
 
+def _check_services(p: Profile, v: Validator) -> None:
+    """Every service a role runs declares the exposure it may have (the build measures it)."""
+    runs = p.services.run()
+    for unit, level in p.services.exposure.items():
+        if not unit.endswith(".service"):
+            v.fail(("services", "exposure", unit), "expected a .service unit name")
+        if not 0 <= level <= 10:
+            v.fail(("services", "exposure", unit), f"expected an exposure level from 0 to 10, got {level}")
+    for i, unit in enumerate(p.services.sandbox):
+        if unit not in runs:
+            v.fail(("services", "sandbox", i), f"'{unit}' is not a service the role runs "
+                   f"(services.enable, or the service of an enabled timer)")
+    if p.abstract or p.kind != "node":
+        return
+    missing = [u for u in runs if u not in p.services.exposure]
+    if missing:
+        v.fail(("services", "exposure"), f"no exposure level declared for {', '.join(missing)}: each service "
+               f"the role runs needs `UNIT: LEVEL` (the most `systemd-analyze security` may report)")
+
+
 def _check_profile(p: Profile, v: Validator, repo: Repo) -> None:
     zones = set(p.interfaces)
     for i, port in enumerate(p.firewall.ports):
@@ -169,6 +189,12 @@ def _check_profile(p: Profile, v: Validator, repo: Repo) -> None:
     for key, exc in p.sysctl_exceptions.items():
         if not exc.reason.strip():
             v.fail(("sysctl_exceptions", key, "reason"), "a sysctl exception needs a non-empty reason")
+    for key, ans in p.audit_answers.items():
+        if not re.fullmatch(r"[A-Z]{3,4}-[0-9]{4}|LYNIS", key):  # LYNIS: its note on its own version
+            v.fail(("audit_answers", key), "expected a Lynis test id like FILE-6310")
+        if not ans.reason.strip():
+            v.fail(("audit_answers", key, "reason"), "an answer needs a non-empty reason")
+    _check_services(p, v)
     for key, mexc in p.module_exceptions.items():
         if key not in p.module_blacklist:
             v.fail(("module_exceptions", key), f"'{key}' is not in any layer's module_blacklist: nothing to except")

@@ -28,6 +28,7 @@ from ..proc import run
 from .cache import digest, hash_tree
 from .config import BuildConfig
 from .distro import backend_for
+from .exposure import install_sandbox
 from .identity import fat_uuid
 from .schema import User
 
@@ -535,6 +536,7 @@ def customise(cfg: BuildConfig, root: Path, identity: dict[str, str]) -> dict[st
     install_extra_files(root, cfg.extra_files)
     apply_edits(root, p.edits)
     if cfg.target.kind == "node":
+        install_sandbox(root, p.services.sandbox)
         set_services(root, p.services)
         write_preset(root, p.services)
         apply_preset(root)

@@ -41,6 +41,17 @@ class Services:
     enable: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
     mask: tuple[str, ...] = ()
+    # Services that get the common sandbox (SANDBOX_DROPIN, from the hardened overlay); what one needs
+    # beyond it (its capabilities, the paths it writes) is in its own drop-in.
+    sandbox: tuple[str, ...] = ()
+    # The highest `systemd-analyze security` exposure (0 safe .. 10 unsafe) each service the role runs
+    # may have: the build measures the finished tree and fails on any service above its level.
+    exposure: dict[str, float] = field(default_factory=dict)
+
+    def run(self) -> tuple[str, ...]:
+        """The services the role runs: those enabled, and those its enabled timers start."""
+        return tuple(u for u in self.enable if u.endswith(".service")) + tuple(
+            u.removesuffix(".timer") + ".service" for u in self.enable if u.endswith(".timer"))
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,12 @@ class SysctlException:
 @dataclass(frozen=True)
 class ModuleException:
     """A module a layer below blacklists that this role needs, and why."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class AuditAnswer:
+    """A finding of the security audit (Lynis: a test id, or test:item) this role does not act on, and why."""
     reason: str
 
 
@@ -182,6 +199,10 @@ class Profile:
     firewall: Firewall = Firewall()
     sysctl: dict[str, int | str] = field(default_factory=dict)
     sysctl_exceptions: dict[str, SysctlException] = field(default_factory=dict)
+    # Lynis suggestions not acted on, each with its reason: `sohocloud fleet audit` prints them and
+    # fails on any suggestion that is neither acted on nor answered here.
+    audit_answers: dict[str, AuditAnswer] = field(default_factory=dict)
+    audit_min_index: int = 0  # the Lynis hardening index a node of this role reaches at least
     users: tuple[User, ...] = ()
     modes: dict[str, FileMode] = field(default_factory=dict)
     edits: tuple[ConfigEdit, ...] = ()
@@ -354,6 +375,8 @@ def _type_name(tp: Any) -> str:
         return "a string"
     if tp is int:
         return "an integer"
+    if tp is float:
+        return "a number"
     if tp is bool:
         return "true or false"
     if tp is type(None):
@@ -435,6 +458,10 @@ class Validator:
             if isinstance(value, bool) or not isinstance(value, int):
                 self.fail(path, f"expected an integer, got {value!r}")
             return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.fail(path, f"expected a number, got {value!r}")
+            return float(value)
         if tp is str:
             if not isinstance(value, str):
                 self.fail(path, f"expected a string, got {value!r}")

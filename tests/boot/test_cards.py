@@ -257,4 +257,4 @@ def test_usb_storage_is_on_the_nas_card_only(role, allowed, tmp_path):
         assert "usb-storage" not in blacklist
     else:
         assert usb_storage not in deps
-        assert "blacklist usb-storage\ninstall usb-storage /bin/false" in blacklist
+        assert "blacklist usb-storage\ninstall usb-storage /bin/true" in blacklist

@@ -494,3 +494,62 @@ def test_a_module_exception_needs_a_blacklisted_module_and_a_reason(repo: Path, 
     edit(f, "\nvars:\n", f"\nmodule_exceptions:\n  {entry}\nvars:\n")
     msg = config_error(repo)
     assert f"{f}:{line_of(f, entry)}:" in msg and expect in msg, msg
+
+
+# --------------------------------------------------------------------------- audit answers
+
+
+def test_every_role_answers_lynis_with_reasons_and_asks_for_90(repo: Path) -> None:
+    for role in ("router", "control", "storage", "workstation-host"):
+        p = resolve(Repo(repo), role).profile
+        assert p.audit_min_index >= 90, role
+        assert p.audit_answers and all(a.reason.strip() for a in p.audit_answers.values()), role
+
+
+def test_audit_answer_needs_a_lynis_id(repo: Path) -> None:
+    f = repo / "profiles/router.yaml"
+    f.write_text(f.read_text() + "\naudit_answers:\n  not-an-id: {reason: x}\n")
+    msg = config_error(repo)
+    assert f"{f}:{line_of(f, 'not-an-id')}:" in msg and "expected a Lynis test id like FILE-6310" in msg
+
+
+def test_audit_answer_needs_a_reason(repo: Path) -> None:
+    f = repo / "profiles/router.yaml"
+    f.write_text(f.read_text() + "\naudit_answers:\n  BOOT-5122: {reason: \"  \"}\n")
+    msg = config_error(repo)
+    assert "audit_answers.BOOT-5122.reason" in msg and "non-empty reason" in msg
+
+
+# --------------------------------------------------------------------------- services.exposure, services.sandbox
+
+
+def test_every_role_declares_the_exposure_of_each_service_it_runs(repo: Path) -> None:
+    for role in ("router", "control", "storage", "workstation-host"):
+        services = resolve(Repo(repo), role).profile.services
+        assert services.run() and set(services.run()) <= set(services.exposure), role
+    assert resolve(Repo(repo), "router").profile.services.exposure["dnsmasq.service"] < 5
+
+
+def test_a_service_without_a_declared_exposure_is_refused(repo: Path) -> None:
+    f = repo / "profiles/router.yaml"
+    f.write_text(f.read_text().replace("    dnsmasq.service: 3.4\n", "    chrony.service: 3.7\n"))
+    msg = config_error(repo)
+    assert "services.exposure" in msg and "no exposure level declared for dnsmasq.service" in msg
+
+
+def test_an_exposure_level_is_a_number_from_0_to_10(repo: Path) -> None:
+    f = repo / "profiles/router.yaml"
+    f.write_text(f.read_text().replace("    dnsmasq.service: 3.4\n", "    dnsmasq.service: 12\n"))
+    msg = config_error(repo)
+    assert f"{f}:{line_of(f, 'dnsmasq.service: 12')}:" in msg and "from 0 to 10, got 12" in msg
+    f.write_text(f.read_text().replace("dnsmasq.service: 12", "dnsmasq.service: low"))
+    assert "services.exposure.dnsmasq.service: expected a number, got 'low'" in config_error(repo)
+
+
+def test_a_sandboxed_unit_must_be_one_the_role_runs(repo: Path) -> None:
+    f = repo / "profiles/router.yaml"
+    f.write_text(f.read_text().replace("  sandbox:\n    - dnsmasq.service\n",
+                                       "  sandbox:\n    - dnsmasq.service\n    - smbd.service\n"))
+    msg = config_error(repo)
+    assert f"{f}:{line_of(f, '- smbd.service')}: services.sandbox[" in msg
+    assert "'smbd.service' is not a service the role runs" in msg
