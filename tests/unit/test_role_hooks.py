@@ -114,6 +114,7 @@ def test_site_node_tls_hosts_resolv_and_journal_upload(tmp_path, seed):
     assert "TrustedCertificateFile=/etc/sohocloud/tls/ca.crt\n" in upload
     exporter = (root / "etc/default/prometheus-node-exporter").read_text()
     assert "--web.listen-address=10.44.0.10:9100" in exporter
+    assert "--no-collector.systemd" in exporter  # its D-Bus walk of every unit at each scrape
 
 
 def test_site_node_hosts_block_replaced_not_duplicated(tmp_path, seed):
