@@ -78,12 +78,13 @@ test-k3s: deps
 
 # Everything: make test, then the arm64 router checks with router B too (the arm64 qemu image
 # through AAVMF), the example site with every role on arm64 (router on a
-# Pi 4 card, NAS on a ROCK64 card, control and workstation host arm64 qemu images),
+# Pi 4 card, NAS on a ROCK64 card, control and workstation host arm64 qemu images) and both of its
+# diskless PCs (make test boots the BIOS one; the UEFI one is a sixth emulated VM on two cores),
 # the NAS re-imaged there (a whole emulated first boot again: too long for make test),
 # then the opt-in suites whose inputs are present.
 test-all: test
 	SOHOCLOUD_TEST_ARCHES=arm64 SOHOCLOUD_ROUTER_B_ARCHES=arm64 $(PY) -m pytest tests/boot/test_router.py -v
-	SOHOCLOUD_FLEET_ARM64=all SOHOCLOUD_FLEET_REIMAGE=1 $(PY) -m pytest tests/boot/test_fleet_site.py -v
+	SOHOCLOUD_FLEET_ARM64=all SOHOCLOUD_FLEET_REIMAGE=1 SOHOCLOUD_FLEET_PCS=all $(PY) -m pytest tests/boot/test_fleet_site.py -v
 	$(MAKE) test-audit
 	@if [ -n "$${K3S_ARTIFACTS:-}" ]; then $(MAKE) test-k3s; else echo "test-all: K3S_ARTIFACTS unset, k3s suite skipped"; fi
 

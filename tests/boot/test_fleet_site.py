@@ -104,7 +104,8 @@ def built(tmp_path_factory, test_key):
         pytest.skip("fleet tests need root")
     d = tmp_path_factory.mktemp("office")
     text = example_for_vms(REPO, SITE, test_key.with_suffix(".pub").read_text().strip(),
-                           all_arm64=os.environ.get("SOHOCLOUD_FLEET_ARM64") == "all")
+                           all_arm64=os.environ.get("SOHOCLOUD_FLEET_ARM64") == "all",
+                           every_pc=os.environ.get("SOHOCLOUD_FLEET_PCS") == "all")
     site_file = d / f"{SITE}.yaml"
     site_file.write_text(text)
     secrets = d / "secrets"
